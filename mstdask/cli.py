@@ -1,0 +1,168 @@
+"""The ``mstdask`` command line.
+
+Exit status: 0 everything done; 1 the job finished but some inputs were rejected (see the
+summary); 2 the job could not run (bad option, unreachable scheduler, unusable store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import ClusterConfig, IngestConfig, SiteConfig, StoreLayout
+from .errors import MstdaskError
+
+__all__ = ["main", "build_parser"]
+
+
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--cluster", metavar="ADDRESS|FILE.yaml", default=None,
+                   help="scheduler address (tcp://host:8786, tls://...) or a cluster/NAME.yaml config; "
+                        "default: an embedded local cluster")
+    g.add_argument("--workers", type=int, default=None, help="local cluster: worker processes (default: cores)")
+    g.add_argument("--memory-limit", default=None, help="local cluster: memory per worker, e.g. 4GiB")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or dashboard link")
+
+
+def _ingest_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ingest")
+    g.add_argument("--utc-offset", type=float, default=SiteConfig().utc_offset_hours,
+                   help="site's local time minus UTC in hours, defines the observing night (default: +8, Xinglong)")
+    g.add_argument("--site", default=SiteConfig().name, help="site name recorded in the store")
+    g.add_argument("--as", dest="force_imagetyp", choices=("bias", "dark", "flat", "science"), default=None,
+                   help="treat every file as this image type (for cameras that write a wrong IMAGETYP)")
+    g.add_argument("--tile", type=int, default=StoreLayout().tile, help="target spatial tile edge in pixels")
+    g.add_argument("--compressor", choices=("lz4", "zstd", "none"), default=StoreLayout().compressor,
+                   help="tile compression in a new store")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="mstdask", description="Dask-parallel reduction of wide-field CMOS survey frames (Mini-SiTian).")
+    parser.add_argument("--version", action="version", version=f"mstdask {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="FITS files, folders or globs -> a raw Zarr store")
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="FITS files (.fits .fit .fz .gz), folders or globs")
+    p.add_argument("--store", required=True, metavar="STORE.zarr", help="the store (created if missing)")
+    _ingest_options(p)
+    _cluster_options(p)
+
+    p = sub.add_parser("info", help="what is in a store")
+    p.add_argument("store", metavar="STORE.zarr")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("run", help="the main job: ingest, then every pipeline step, into --out")
+    p.add_argument("inputs", nargs="+", metavar="RAW")
+    p.add_argument("--out", required=True, metavar="DIR")
+    _ingest_options(p)
+    _cluster_options(p)
+
+    p = sub.add_parser("demo", help="simulate a small two-night survey and run the main job on it")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--shape", default="600x900", metavar="NYxNX",
+                   help="frame size of the simulated camera (default 600x900; full MST is 6388x9576)")
+    p.add_argument("--nights", type=int, default=2)
+    p.add_argument("--science", type=int, default=4, help="science frames per night")
+    p.add_argument("--seed", type=int, default=0)
+    _cluster_options(p)
+    return parser
+
+
+def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
+    return ClusterConfig(n_workers=args.workers, memory_limit=args.memory_limit)
+
+
+def _ingest_config(args: argparse.Namespace) -> IngestConfig:
+    return IngestConfig(site=SiteConfig(name=args.site, utc_offset_hours=args.utc_offset),
+                        layout=StoreLayout(tile=args.tile, compressor=args.compressor),
+                        force_imagetyp=args.force_imagetyp)
+
+
+def _print_info(store: str, as_json: bool) -> None:
+    from .store import describe, dumps
+
+    info = describe(store)
+    if as_json:
+        print(dumps(info))
+        return
+    ny, nx = info["frame_shape"]
+    print(f"{info['store']}")
+    print(f"  frames: {info['frames']} of {nx}x{ny} uint16 "
+          f"({info['raw_bytes'] / 1e9:.2f} GB raw, {info['size_on_disk_bytes'] / 1e9:.2f} GB on disk)"
+          + (f"; {info['pending_slots']} unfinished slots (re-run the ingest)" if info["pending_slots"] else ""))
+    if not info["frames"]:
+        return
+    print(f"  site: {info['site']}   telescopes: {', '.join(info['telescopes']) or '-'}   "
+          f"filters: {', '.join(info['filters']) or '-'}")
+    counts = info["imagetyp_counts"]
+    print("  " + "   ".join(f"{k}: {v}" for k, v in counts.items()))
+    print(f"  {'night':<12}{'bias':>6}{'dark':>6}{'flat':>6}{'sci':>6}  {'first UTC':<20}{'last UTC':<20}telescopes/filters")
+    for night, e in info["nights"].items():
+        print(f"  {night:<12}{e['bias']:>6}{e['dark']:>6}{e['flat']:>6}{e['science']:>6}  "
+              f"{e['first_utc']:<20}{e['last_utc']:<20}{','.join(e['telescopes'])}/{','.join(e['filters'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mstdask`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            _print_info(args.store, args.json)
+            return 0
+
+        from .cluster import connect
+        from .runner import ingest, run_pipeline
+
+        if args.command == "ingest":
+            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
+                report = ingest(args.inputs, args.store, client, _ingest_config(args), progress=not args.quiet)
+            print(report.summary())
+            return 0 if report.ok else 1
+
+        if args.command == "run":
+            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
+                report, manifest = run_pipeline(args.inputs, args.out, client, _ingest_config(args),
+                                                progress=not args.quiet, argv=["mstdask", *argv])
+            print(report.summary())
+            print(f"products: {len(manifest.products)} listed in {manifest.path}")
+            return 0 if report.ok else 1
+
+        if args.command == "demo":
+            from .testing import write_survey
+
+            try:
+                ny, nx = (int(v) for v in args.shape.lower().split("x"))
+            except ValueError:
+                raise SystemExit(f"mstdask demo: --shape must look like 600x900, not {args.shape!r}") from None
+            out = Path(args.out)
+            raw_dir = out / "raw_fits"
+            t0 = time.perf_counter()
+            print(f"simulating {args.nights} nights of {nx}x{ny} frames into {raw_dir} ...", file=sys.stderr)
+            write_survey(raw_dir, nights=args.nights, shape=(ny, nx), n_science=args.science, seed=args.seed)
+            print(f"  done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
+                report, manifest = run_pipeline([raw_dir], out, client, IngestConfig(), progress=not args.quiet,
+                                                argv=["mstdask", *argv])
+            print(report.summary())
+            print(f"products: {len(manifest.products)} listed in {manifest.path}")
+            print(json.dumps([{k: p[k] for k in ("kind", "path", "n_inputs")} for p in manifest.products]))
+            return 0 if report.ok else 1
+    except MstdaskError as exc:
+        print(f"mstdask {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mstdask {args.command}: interrupted; run the same command again to finish", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

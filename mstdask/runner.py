@@ -1,0 +1,252 @@
+"""Runs jobs on a Dask client: the only code that submits, waits and catches errors.
+
+Library modules build pure functions and lazy graphs; this module sends them to the
+cluster, shows progress, turns one frame's failure into a line of the summary instead of
+the end of the run, and records what was done.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from tqdm.auto import tqdm
+
+from .config import IngestConfig, SiteConfig, to_dict
+from .errors import BadInputError, MstdaskError, StoreError
+from .io import FrameInfo, discover, scan_frame
+from .manifest import Manifest
+from .store import RawStore, describe, write_frame
+
+__all__ = ["IngestReport", "ingest", "run_pipeline"]
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did.
+
+    Attributes
+    ----------
+    store : str
+        The store path.
+    written : list of str
+        Files whose pixels were written by this ingest (new frames and resumed ones).
+    resumed : list of str
+        Of ``written``, the files that finished slots left by an interrupted ingest.
+    already : list of str
+        Files whose exposure was already in the store (nothing done).
+    rejected : list of (str, str)
+        Files that could not be ingested, with the reason.
+    """
+
+    store: str
+    written: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    bytes_written: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing was rejected."""
+        return not self.rejected
+
+    def summary(self) -> str:
+        """Human-readable summary, one line per rejected file."""
+        mb = self.bytes_written / 1e6
+        rate = f", {mb / self.seconds:.0f} MB/s" if self.seconds > 0 and mb > 0 else ""
+        lines = [f"ingest {self.store}: {len(self.written)} frames written "
+                 f"({len(self.resumed)} resumed), {len(self.already)} already present, "
+                 f"{len(self.rejected)} rejected; {mb:.0f} MB in {self.seconds:.1f} s{rate}"]
+        for path, reason in self.rejected:
+            lines.append(f"  REJECTED {path}: {reason}" if not reason.startswith(path) else f"  REJECTED {reason}")
+        return "\n".join(lines)
+
+
+# Task wrappers: the runner converts our own errors into results so that one bad file is
+# a line in the summary, not a failed computation (and not a traceback in the worker log).
+def _scan_task(path: str, site: SiteConfig, force: str | None):
+    try:
+        return scan_frame(path, site, force)
+    except MstdaskError as exc:
+        return exc
+
+
+def _write_task(store_path: str, index: int, info: FrameInfo):
+    try:
+        return write_frame(store_path, index, info)
+    except MstdaskError as exc:
+        return exc
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    return tqdm(total=total, desc=desc, unit="frame", disable=None if enabled else True,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def ingest(inputs: Iterable[str | os.PathLike], store_path: str | os.PathLike, client,
+           config: IngestConfig | None = None, progress: bool = True) -> IngestReport:
+    """Ingest FITS files, folders or globs into a raw Zarr store, in parallel on ``client``.
+
+    Idempotent (an exposure already in the store is skipped, whatever its path), resumable
+    (slots left by an interrupted ingest are finished), and tolerant (bad files are reported
+    in the returned summary, every good file is still ingested).
+
+    Parameters
+    ----------
+    inputs : iterable of path-like
+        Files, folders (searched recursively) or glob patterns.
+    store_path : path-like
+        The store; created when it does not exist.
+    client : distributed.Client
+        Where the work runs.
+    config : IngestConfig, optional
+        Site, layout and options.
+    progress : bool
+        Show progress bars (on a terminal).
+
+    Returns
+    -------
+    IngestReport
+    """
+    from distributed import as_completed
+
+    config = config or IngestConfig()
+    t0 = time.perf_counter()
+    store_path = str(Path(store_path).resolve())
+    report = IngestReport(store=store_path)
+    files, missing = discover(inputs)
+    report.rejected.extend(missing)
+
+    # 1. Headers, in parallel: cheap, and every header problem is known before any write.
+    infos: list[FrameInfo] = []
+    if files:
+        futures = client.map(_scan_task, files, site=config.site, force=config.force_imagetyp, pure=False)
+        with _bar(len(files), "scan headers", progress) as bar:
+            for fut in as_completed(futures):
+                res = fut.result()
+                if isinstance(res, BadInputError):
+                    report.rejected.append((res.path or "?", res.problem))
+                elif isinstance(res, MstdaskError):
+                    report.rejected.append(("?", str(res)))
+                else:
+                    infos.append(res)
+                bar.update()
+    infos.sort(key=lambda i: (i.time, i.path))
+
+    # The same exposure twice in one call (copies under two paths): keep the first.
+    seen: dict[str, str] = {}
+    unique: list[FrameInfo] = []
+    for info in infos:
+        if info.key in seen:
+            report.already.append(info.path)
+        else:
+            seen[info.key] = info.path
+            unique.append(info)
+
+    if not unique:
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    # 2. Open or create the store; the frame shape comes from the store, or from the
+    # most common shape of a first ingest.
+    if Path(store_path, "zarr.json").exists():
+        store = RawStore.open(store_path, mode="r+")
+    else:
+        shape = Counter(i.shape for i in unique).most_common(1)[0][0]
+        store = RawStore.create(store_path, shape, config.layout, config.site)
+    shape = store.frame_shape
+    good = []
+    for info in unique:
+        if info.shape != shape:
+            report.rejected.append((info.path, f"frame is {info.shape[1]}x{info.shape[0]} pixels, the store holds "
+                                               f"{shape[1]}x{shape[0]} frames; ingest it into a store of its own"))
+        else:
+            good.append(info)
+
+    # 3. What is new, what was interrupted, what is there already.
+    known = store.known_keys()
+    new = [i for i in good if i.key not in known]
+    pending = [i for i in good if i.key in known and not known[i.key][1]]
+    report.already.extend(i.path for i in good if i.key in known and known[i.key][1])
+    jobs: list[tuple[int, FrameInfo, bool]] = [(known[i.key][0], i, True) for i in pending]
+    store.update_paths({idx: info.path for idx, info, _ in jobs})
+    jobs += [(idx, info, False) for idx, info in zip(store.reserve(new), new)]
+    if not jobs:
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    # 4. Pixels, one frame per task; the driver records finished frames every few seconds.
+    futures = [client.submit(_write_task, store_path, idx, info, pure=False) for idx, info, _ in jobs]
+    resumed_by_index = {idx: was_pending for idx, _, was_pending in jobs}
+    done: list[int] = []
+    last_mark = time.monotonic()
+    try:
+        with _bar(len(futures), "ingest frames", progress) as bar:
+            for fut in as_completed(futures):
+                res = fut.result()
+                if isinstance(res, BadInputError):
+                    report.rejected.append((res.path or "?", res.problem))
+                elif isinstance(res, MstdaskError):
+                    report.rejected.append(("?", str(res)))
+                else:
+                    done.append(res["index"])
+                    report.written.append(res["path"])
+                    if resumed_by_index[res["index"]]:
+                        report.resumed.append(res["path"])
+                    report.bytes_written += res["bytes"]
+                bar.update()
+                if time.monotonic() - last_mark > config.mark_every_s:
+                    store.mark_ingested(done)
+                    done.clear()
+                    last_mark = time.monotonic()
+    finally:
+        # Also on Ctrl-C: what is written is recorded, the rest is finished next time.
+        store.mark_ingested(done)
+        store.consolidate()
+        client.cancel(futures)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def run_pipeline(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, client,
+                 config: IngestConfig | None = None, progress: bool = True,
+                 argv: list[str] | None = None) -> tuple[IngestReport, Manifest]:
+    """The main job: ingest raw frames into ``OUT/raw.zarr``, then every pipeline step.
+
+    Writes ``OUT/manifest.json`` listing every product.
+
+    Returns
+    -------
+    (IngestReport, Manifest)
+    """
+    config = config or IngestConfig()
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"{out}: cannot create the output folder ({exc.strerror})") from None
+    store_path = out / "raw.zarr"
+    report = ingest(raw_inputs, store_path, client, config, progress=progress)
+    manifest = Manifest(out)
+    if Path(store_path, "zarr.json").exists():
+        info = describe(store_path)
+        store = RawStore.open(store_path, mode="r")
+        done = store.coord("ingested")
+        manifest.add(
+            "raw_store", store_path,
+            telescope=info.get("telescopes", []), filter=info.get("filters", []),
+            night=sorted(info["nights"]), inputs=[str(p) for p in store.coord("path")[done]],
+            config=to_dict(config), frames=info["frames"], frame_shape=info["frame_shape"],
+            imagetyp_counts=info.get("imagetyp_counts", {}),
+        )
+    manifest.data["rejected"] = [{"path": p, "reason": r} for p, r in report.rejected]
+    manifest.record_run(argv, frames_written=len(report.written), rejected=len(report.rejected))
+    manifest.write()
+    return report, manifest

@@ -1,0 +1,354 @@
+"""The raw Zarr store: layout, creation, appending, and lazy opening.
+
+Layout (Zarr v3, opens with ``xarray.open_zarr``)::
+
+    STORE.zarr/
+      raw        (frame, y, x) uint16   exact FITS pixels; one shard (= one file) per frame,
+                                        spatial tiles (Zarr chunks) inside the shard
+      header     (frame,) str           full FITS header of each frame (provenance)
+      time       (frame,) datetime64    UTC start of exposure (DATE-OBS)
+      night      (frame,) str           local observing night, evening date YYYY-MM-DD
+      imagetyp   (frame,) str           bias | dark | flat | science
+      exptime    (frame,) float64       seconds
+      filter, telescope, instrument, object, path, frame_key   (frame,) str
+      ra, dec, egain, ccd_temp         (frame,) float64  (NaN where the header has none)
+      ingested   (frame,) bool          pixels written and verified
+
+The driver (one process) owns every write except the pixels: it reserves frame slots and
+their coordinates, then tasks write each frame's shard independently, and the driver marks
+them ``ingested``. A slot whose pixels never arrived (killed run, unreadable file) stays
+``ingested=False`` and is finished by the next ingest of the same file; :func:`open_store`
+hides such slots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from . import __version__
+from .config import SiteConfig, StoreLayout, to_dict
+from .errors import BadInputError, StoreError
+from .io import FrameInfo, read_pixels
+
+__all__ = ["COORDS", "RawStore", "open_store", "tile_edge", "write_frame"]
+
+STORE_KIND = "mstdask.raw"
+STORE_VERSION = 1
+
+#: Per-frame coordinates: name -> (numpy dtype, fill value used for missing values).
+COORDS: dict[str, tuple[str, object]] = {
+    "time": ("int64", 0),
+    "night": ("str", ""),
+    "imagetyp": ("str", ""),
+    "exptime": ("float64", np.nan),
+    "filter": ("str", ""),
+    "telescope": ("str", ""),
+    "instrument": ("str", ""),
+    "object": ("str", ""),
+    "ra": ("float64", np.nan),
+    "dec": ("float64", np.nan),
+    "egain": ("float64", np.nan),
+    "ccd_temp": ("float64", np.nan),
+    "path": ("str", ""),
+    "frame_key": ("str", ""),
+    "ingested": ("bool", False),
+}
+_TIME_ATTRS = {"units": "nanoseconds since 1970-01-01", "calendar": "proleptic_gregorian",
+               "long_name": "UTC start of exposure (DATE-OBS)"}
+_META_CHUNK = 65536  # per-frame metadata is tiny: one chunk holds 65536 frames
+
+
+def tile_edge(n: int, target: int) -> int:
+    """The tile edge for an axis of ``n`` pixels: a divisor of ``n`` near ``target``.
+
+    A divisor avoids ragged edge tiles (6388 -> 1597, 9576 -> 1596 for a 1536 target). When
+    no divisor lies within a factor 1.5 of the target, the target itself is used and the
+    last tile is partial.
+    """
+    if n <= target:
+        return n
+    best = None
+    for d in range(int(target / 1.5), int(target * 1.5) + 1):
+        if n % d == 0 and (best is None or abs(d - target) < abs(best - target)):
+            best = d
+    return best or target
+
+
+def _compressors(layout: StoreLayout) -> list | None:
+    if layout.compressor == "none":
+        return None
+    # Bit-shuffle suits noisy 16-bit pixels: the high bits are nearly constant.
+    return [BloscCodec(cname=layout.compressor, clevel=layout.clevel, shuffle=BloscShuffle.bitshuffle)]
+
+
+def _quiet(func, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata")
+        return func(*args, **kwargs)
+
+
+class RawStore:
+    """Driver-side handle on a raw store: create it, reserve frames, mark them ingested.
+
+    Use :meth:`create` or :meth:`open`; pixels are written by :func:`write_frame` in tasks.
+    """
+
+    def __init__(self, path: str | os.PathLike, group: zarr.Group) -> None:
+        self.path = str(path)
+        self.group = group
+
+    # ----------------------------------------------------------------- creation / opening
+    @classmethod
+    def create(cls, path: str | os.PathLike, shape: tuple[int, int], layout: StoreLayout,
+               site: SiteConfig) -> "RawStore":
+        """Create an empty store for frames of ``shape = (ny, nx)``."""
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            raise StoreError(f"{path}: exists and is not an mstdask store; choose a new --store path")
+        ty, tx = tile_edge(shape[0], layout.tile), tile_edge(shape[1], layout.tile)
+        shard = (1, -(-shape[0] // ty) * ty, -(-shape[1] // tx) * tx)
+        try:
+            group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create the store ({exc}); check the folder is writable") from None
+        group.attrs.update({
+            "mstdask_store": STORE_KIND,
+            "mstdask_store_version": STORE_VERSION,
+            "mstdask_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "frame_shape": list(shape),
+            "tile": [ty, tx],
+            "layout": to_dict(layout),
+            "site": to_dict(site),
+            "description": "Raw camera frames ingested by mstdask; open with xarray.open_zarr or mstdask.open_store",
+        })
+        coord_names = " ".join(COORDS)
+        group.create_array(
+            "raw", shape=(0, *shape), dtype="uint16", chunks=(1, ty, tx), shards=shard,
+            compressors=_compressors(layout), fill_value=0, dimension_names=("frame", "y", "x"),
+            attributes={"units": "adu", "long_name": "raw camera counts (exact FITS pixels)",
+                        "coordinates": coord_names},
+        )
+        group.create_array("header", shape=(0,), dtype=str, chunks=(4096,), dimension_names=("frame",),
+                           attributes={"long_name": "FITS header of the frame", "coordinates": coord_names})
+        for name, (dtype, fill) in COORDS.items():
+            attrs = dict(_TIME_ATTRS) if name == "time" else {}
+            group.create_array(name, shape=(0,), dtype=str if dtype == "str" else dtype,
+                               chunks=(_META_CHUNK,), dimension_names=("frame",), attributes=attrs,
+                               fill_value=None if dtype == "str" else fill)
+        store = cls(path, group)
+        store.consolidate()
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r+") -> "RawStore":
+        """Open an existing store (``mode='r'`` read-only, ``'r+'`` to append)."""
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise StoreError(f"{path}: no Zarr store here; create one with `mstdask ingest FILES --store {path}`")
+        group = _quiet(zarr.open_group, str(path), mode=mode, zarr_format=3, use_consolidated=False)
+        if group.attrs.get("mstdask_store") != STORE_KIND:
+            raise StoreError(f"{path}: a Zarr store, but not an mstdask raw store (no 'mstdask_store' attribute)")
+        return cls(path, group)
+
+    # ------------------------------------------------------------------------- properties
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """``(ny, nx)`` of every frame in the store."""
+        return tuple(self.group.attrs["frame_shape"])  # type: ignore[return-value]
+
+    @property
+    def site(self) -> SiteConfig:
+        """The site the store's nights refer to."""
+        return SiteConfig(**self.group.attrs["site"])
+
+    def __len__(self) -> int:
+        return int(self.group["raw"].shape[0])
+
+    def coord(self, name: str) -> np.ndarray:
+        """One per-frame coordinate as a NumPy array (read directly, no Dask)."""
+        return np.asarray(self.group[name][...])
+
+    def known_keys(self) -> dict[str, tuple[int, bool]]:
+        """``frame_key -> (frame index, ingested)`` for every reserved slot."""
+        keys = self.coord("frame_key")
+        done = self.coord("ingested")
+        return {str(k): (i, bool(d)) for i, (k, d) in enumerate(zip(keys, done))}
+
+    # ------------------------------------------------------------------------ driver writes
+    def reserve(self, infos: Sequence[FrameInfo]) -> list[int]:
+        """Append slots for new frames and write their coordinates (pixels come later).
+
+        Returns the frame index given to each info, in the order given.
+        """
+        if not infos:
+            return []
+        n0 = len(self)
+        n1 = n0 + len(infos)
+        for info in infos:
+            if info.shape != self.frame_shape:
+                raise BadInputError(info.path, f"frame is {info.shape[1]}x{info.shape[0]} pixels but the store "
+                                                f"holds {self.frame_shape[1]}x{self.frame_shape[0]} frames; "
+                                                "ingest it into a store of its own")
+        self.group["raw"].resize((n1, *self.frame_shape))
+        self.group["header"].resize((n1,))
+        self.group["header"][n0:n1] = np.array([i.header for i in infos], dtype=object)
+        values = {
+            "time": np.array([np.datetime64(i.time, "ns") for i in infos]).astype("int64"),
+            "night": [i.night for i in infos],
+            "imagetyp": [i.imagetyp for i in infos],
+            "exptime": [i.exptime for i in infos],
+            "filter": [i.filter for i in infos],
+            "telescope": [i.telescope for i in infos],
+            "instrument": [i.instrument for i in infos],
+            "object": [i.object for i in infos],
+            "ra": [i.ra for i in infos],
+            "dec": [i.dec for i in infos],
+            "egain": [i.egain for i in infos],
+            "ccd_temp": [i.ccd_temp for i in infos],
+            "path": [i.path for i in infos],
+            "frame_key": [i.key for i in infos],
+            "ingested": np.zeros(len(infos), dtype=bool),
+        }
+        for name, (dtype, _) in COORDS.items():
+            arr = self.group[name]
+            arr.resize((n1,))
+            arr[n0:n1] = np.array(values[name], dtype=object if dtype == "str" else dtype)
+        self.consolidate()
+        return list(range(n0, n1))
+
+    def mark_ingested(self, indices: Iterable[int]) -> None:
+        """Record that these frames' pixels are written."""
+        idx = np.fromiter(indices, dtype=np.int64)
+        if idx.size == 0:
+            return
+        arr = self.group["ingested"]
+        flags = np.asarray(arr[...])
+        flags[idx] = True
+        arr[...] = flags
+
+    def update_paths(self, updates: dict[int, str]) -> None:
+        """Point existing slots at the file they are (re)ingested from."""
+        if not updates:
+            return
+        arr = self.group["path"]
+        paths = np.asarray(arr[...], dtype=object)
+        for i, p in updates.items():
+            paths[i] = p
+        arr[...] = paths
+
+    def consolidate(self) -> None:
+        """Refresh consolidated metadata so ``xarray.open_zarr`` opens the store quickly."""
+        _quiet(zarr.consolidate_metadata, self.path, zarr_format=3)
+
+    def size_on_disk(self) -> int:
+        """Bytes used by the store's files."""
+        total = 0
+        for root, _, files in os.walk(self.path):
+            total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        return total
+
+
+def write_frame(store_path: str, index: int, info: FrameInfo) -> dict:
+    """Read one FITS frame and write its pixels into slot ``index`` of the store.
+
+    Runs inside a task. The frame is one shard, written in one piece, so tasks never
+    touch each other's files and a rewrite of the same frame is harmless.
+
+    Returns
+    -------
+    dict
+        ``{"index", "path", "bytes", "checksum"}``: the CRC-like checksum (sum of pixels as
+        uint64) lets callers verify what was written without reading it back.
+    """
+    data = read_pixels(info)
+    raw = _quiet(zarr.open_array, store=store_path, path="raw", mode="r+", zarr_format=3)
+    if raw.shape[1:] != data.shape:
+        raise BadInputError(info.path, f"frame shape {data.shape} does not match the store {raw.shape[1:]}")
+    raw[index] = data
+    return {"index": index, "path": info.path, "bytes": int(data.nbytes),
+            "checksum": int(data.sum(dtype=np.uint64))}
+
+
+def open_store(path: str | os.PathLike, *, include_pending: bool = False,
+               chunks: dict | str | None = "auto") -> xr.Dataset:
+    """Open a raw store lazily as an :class:`xarray.Dataset`.
+
+    Parameters
+    ----------
+    path : path-like
+        The store.
+    include_pending : bool
+        Also return slots whose pixels are not (yet) written; default hides them.
+    chunks : dict, "auto" or None
+        ``"auto"`` keeps the on-disk tiles (one frame, one tile per Dask chunk), which suits
+        per-frame work; stack reductions rechunk to ``frame=-1`` with spatial tiles
+        themselves, explicitly.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``raw`` as a Dask array and the per-frame coordinates loaded in memory.
+    """
+    store = RawStore.open(path, mode="r")
+    ds = _quiet(xr.open_zarr, str(path), chunks={} if chunks == "auto" else chunks, zarr_format=3)
+    # Per-frame coordinates are small: hold them in memory (read with zarr, not Dask) so
+    # selections like ds.sel(frame=ds.imagetyp == "bias") need no computation.
+    coords = {name: ("frame", store.coord(name)) for name in COORDS}
+    coords["time"] = ("frame", store.coord("time").astype("datetime64[ns]"))
+    ds = ds.assign_coords(coords)
+    ds.attrs.update(dict(store.group.attrs))
+    if not include_pending:
+        ds = ds.isel(frame=np.flatnonzero(coords["ingested"][1]))
+    return ds
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """A JSON-ready summary of a store (what ``mstdask info`` prints)."""
+    store = RawStore.open(path, mode="r")
+    n = len(store)
+    done = store.coord("ingested")
+    summary: dict = {
+        "store": str(Path(path).resolve()),
+        "frames": int(done.sum()),
+        "pending_slots": int(n - done.sum()),
+        "frame_shape": list(store.frame_shape),
+        "tile": store.group.attrs.get("tile"),
+        "size_on_disk_bytes": store.size_on_disk(),
+        "raw_bytes": int(done.sum()) * store.frame_shape[0] * store.frame_shape[1] * 2,
+        "site": store.group.attrs.get("site", {}).get("name"),
+        "nights": {},
+    }
+    if n == 0:
+        return summary
+    cols = {name: store.coord(name)[done] for name in ("night", "telescope", "filter", "imagetyp", "exptime")}
+    times = store.coord("time")[done].astype("datetime64[ns]")
+    summary["telescopes"] = sorted(set(map(str, cols["telescope"])))
+    summary["filters"] = sorted(set(map(str, cols["filter"])))
+    summary["imagetyp_counts"] = {t: int((cols["imagetyp"] == t).sum()) for t in ("bias", "dark", "flat", "science")}
+    for night in sorted(set(map(str, cols["night"]))):
+        sel = cols["night"] == night
+        entry: dict = {"frames": int(sel.sum()),
+                       "first_utc": str(times[sel].min())[:19], "last_utc": str(times[sel].max())[:19]}
+        for t in ("bias", "dark", "flat", "science"):
+            entry[t] = int((sel & (cols["imagetyp"] == t)).sum())
+        entry["telescopes"] = sorted(set(map(str, cols["telescope"][sel])))
+        entry["filters"] = sorted(set(map(str, cols["filter"][sel & (cols["imagetyp"] != "bias")
+                                                            & (cols["imagetyp"] != "dark")])))
+        summary["nights"][night] = entry
+    return summary
+
+
+def dumps(summary: dict) -> str:
+    """Indented JSON (for ``mstdask info --json``)."""
+    return json.dumps(summary, indent=2, default=str)
