@@ -1,0 +1,188 @@
+"""Ingest benchmark on full-size MST frames (9576 x 6388 uint16, 122 MB each).
+
+Measures, in one run on the same files:
+
+* ``cp``: copying the FITS files (the floor for any file-to-file step);
+* ``astropy``: reading every file with ``astropy.io.fits.getdata`` (plain, serial) and the
+  same read spread over the same number of processes as the Dask workers;
+* ``mstdask``: ``mstdask.runner.ingest`` on a LocalCluster (N workers x 1 thread), time from
+  submission to the store being complete (cluster start-up excluded), and the peak resident
+  memory of each worker process, sampled every 50 ms.
+
+Usage (full frames are 122 MB each: 20 frames need ~5 GB of disk, cleaned up afterwards)::
+
+    python benchmarks/bench_ingest.py --frames 20 --workers 2 [--keep] [--workdir /tmp/mstdask_bench]
+
+Prints a JSON record and a Markdown table row for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+FULL = (6388, 9576)
+
+
+def make_frames(folder: Path, n: int, shape: tuple[int, int], seed: int) -> list[Path]:
+    """Simulated full-size science frames written as camera-like FITS files."""
+    from mstdask.testing import CameraModel, make_camera, simulate_star_catalog, write_fits
+
+    folder.mkdir(parents=True, exist_ok=True)
+    camera = make_camera(CameraModel(shape=shape), seed=seed)
+    rng = np.random.default_rng(seed)
+    stars = simulate_star_catalog(camera, 65.0, 30.0, rng=rng)
+    paths = []
+    for i in range(n):
+        data, truth = camera.science(300.0, 65.0, 30.0, stars, rng, frame_index=i)
+        path = folder / f"bench_{i:04d}.fits"
+        write_fits(path, data, truth.header)
+        paths.append(path)
+    return paths
+
+
+def _read_one(path: str) -> int:
+    from astropy.io import fits
+
+    return int(fits.getdata(path).shape[0])
+
+
+def time_cp(paths: list[Path], dest: Path) -> float:
+    dest.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    subprocess.run(["cp", *map(str, paths), str(dest)], check=True)
+    subprocess.run(["sync"], check=True)
+    dt = time.perf_counter() - t0
+    shutil.rmtree(dest)
+    return dt
+
+
+def time_astropy(paths: list[Path], processes: int) -> float:
+    t0 = time.perf_counter()
+    if processes == 1:
+        for p in paths:
+            _read_one(str(p))
+    else:
+        with ProcessPoolExecutor(processes) as pool:
+            list(pool.map(_read_one, map(str, paths)))
+    return time.perf_counter() - t0
+
+
+class RssSampler(threading.Thread):
+    """Samples the resident memory of a set of processes; keeps each one's peak."""
+
+    def __init__(self, pids: list[int], every: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.procs = [psutil.Process(p) for p in pids]
+        self.peak = {p.pid: 0 for p in self.procs}
+        self.every = every
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for p in self.procs:
+                try:
+                    self.peak[p.pid] = max(self.peak[p.pid], p.memory_info().rss)
+                except Exception:  # noqa: BLE001 - a worker may be restarting
+                    pass
+            time.sleep(self.every)
+
+
+def time_mstdask(paths: list[Path], store: Path, workers: int) -> tuple[float, dict[int, int], dict]:
+    from distributed import Client, LocalCluster
+
+    from mstdask.runner import ingest
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit="4GiB",
+                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+        sampler = RssSampler(pids)
+        idle = {p.pid: p.memory_info().rss for p in sampler.procs}
+        sampler.start()
+        t0 = time.perf_counter()
+        report = ingest(paths, store, client, progress=False)
+        dt = time.perf_counter() - t0
+        sampler.stop.set()
+        sampler.join()
+    assert report.ok and len(report.written) == len(paths), report.summary()
+    return dt, sampler.peak, idle
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=20)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="repetitions; medians are reported")
+    ap.add_argument("--shape", default="6388x9576")
+    ap.add_argument("--workdir", default="/tmp/mstdask_bench")
+    ap.add_argument("--keep", action="store_true", help="keep the simulated FITS files")
+    args = ap.parse_args()
+    shape = tuple(int(v) for v in args.shape.split("x"))
+    work = Path(args.workdir)
+    raw = work / "fits"
+    try:
+        t0 = time.perf_counter()
+        paths = sorted(raw.glob("bench_*.fits"))[: args.frames]
+        if len(paths) < args.frames:
+            shutil.rmtree(raw, ignore_errors=True)
+            paths = make_frames(raw, args.frames, shape, seed=1)
+        sim_s = time.perf_counter() - t0
+        nbytes = sum(p.stat().st_size for p in paths)
+        res: dict[str, list[float]] = {"cp": [], "astropy_serial": [], "astropy_parallel": [], "mstdask": []}
+        peaks: list[int] = []
+        idles: list[int] = []
+        store_bytes = 0
+        for _ in range(args.repeat):
+            res["cp"].append(time_cp(paths, work / "copy"))
+            res["astropy_serial"].append(time_astropy(paths, 1))
+            res["astropy_parallel"].append(time_astropy(paths, args.workers))
+            store = work / "bench.zarr"
+            shutil.rmtree(store, ignore_errors=True)
+            dt, peak, idle = time_mstdask(paths, store, args.workers)
+            res["mstdask"].append(dt)
+            peaks.extend(peak.values())
+            idles.extend(idle.values())
+            store_bytes = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+            shutil.rmtree(store)
+        med = {k: statistics.median(v) for k, v in res.items()}
+        record = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores "
+                       f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+            "frames": len(paths), "shape": list(shape), "workers": args.workers, "repeat": args.repeat,
+            "fits_bytes": nbytes, "store_bytes": store_bytes, "simulate_s": round(sim_s, 1),
+            "median_s": {k: round(v, 3) for k, v in med.items()},
+            "MB_per_s": {k: round(nbytes / 1e6 / v, 1) for k, v in med.items()},
+            "ratio_mstdask_to_astropy_serial": round(med["mstdask"] / med["astropy_serial"], 2),
+            "ratio_mstdask_to_astropy_parallel": round(med["mstdask"] / med["astropy_parallel"], 2),
+            "ratio_mstdask_to_cp": round(med["mstdask"] / med["cp"], 2),
+            "peak_worker_rss_MB": round(max(peaks) / 1e6),
+            "idle_worker_rss_MB": round(max(idles) / 1e6),
+        }
+        print(json.dumps(record, indent=2))
+        print(f"| {record['date'][:10]} | {len(paths)} x {shape[1]}x{shape[0]} | {args.workers} | "
+              f"{record['MB_per_s']['cp']} | {record['MB_per_s']['astropy_serial']} | "
+              f"{record['MB_per_s']['astropy_parallel']} | {record['MB_per_s']['mstdask']} | "
+              f"{record['ratio_mstdask_to_astropy_parallel']} | {record['peak_worker_rss_MB']} |")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

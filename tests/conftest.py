@@ -1,0 +1,65 @@
+"""Shared fixtures: one embedded Dask cluster per test session, real data paths, FITS makers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MSTDASK_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHEFFIELD = SHARED_DATA / "sheffield_qsi532_m51"
+HUNTSMAN = SHARED_DATA / "huntsman_asi183mm"
+
+
+def need_shared(path: Path) -> Path:
+    """Skip (loudly) when the shared real frames are not beside the checkout."""
+    if not path.exists():
+        pytest.skip(f"real test data not found at {path} (set MSTDASK_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A 2-worker, 1-thread-per-worker LocalCluster shared by the whole session."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="3GiB",
+                           dashboard_address=None, silence_logs=logging.ERROR)
+    with Client(cluster) as c:
+        yield c
+    cluster.close()
+
+
+def write_frame(path: Path, data: np.ndarray, **header) -> Path:
+    """Write a minimal camera-like FITS frame (uint16 -> BITPIX 16 + BZERO 32768)."""
+    hdr = fits.Header()
+    defaults = {"IMAGETYP": "Light Frame", "DATE-OBS": "2023-01-18T13:00:00.000000", "EXPTIME": 300.0,
+                "FILTER": "g", "TELESCOP": "MST2", "INSTRUME": "ZWO ASI6200MM Pro"}
+    for key, value in {**defaults, **header}.items():
+        if value is not None:
+            hdr[key] = value
+    fits.PrimaryHDU(data=data, header=hdr).writeto(path, overwrite=True)
+    return path
+
+
+@pytest.fixture
+def frames(tmp_path):
+    """Eight small good frames of one night (2 bias, 2 flats, 4 science) and their pixels."""
+    rng = np.random.default_rng(42)
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    truth = {}
+    kinds = ["Bias Frame"] * 2 + ["Flat Field"] * 2 + ["Light Frame"] * 4
+    for i, kind in enumerate(kinds):
+        data = rng.integers(400, 60000, size=(64, 96), dtype=np.uint16)
+        data[0, 0], data[-1, -1] = 0, 65535  # the extremes must survive exactly
+        path = write_frame(folder / f"f{i:02d}.fits", data, IMAGETYP=kind,
+                           **{"DATE-OBS": f"2023-01-18T{12 + i // 4:02d}:{(i * 7) % 60:02d}:00.000000",
+                              "EXPTIME": 0.0 if "Bias" in kind else 300.0})
+        truth[str(path)] = data
+    return folder, truth
