@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .config import IngestConfig, SiteConfig, to_dict
 from .errors import BadInputError, MstdaskError, StoreError

@@ -1,0 +1,63 @@
+"""The command line end to end: demo (simulate + main job), run on real frames, info, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from astropy.io import fits
+
+import mstdask
+from mstdask.cli import main
+
+from conftest import SHEFFIELD, need_shared
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--shape", "96x144", "--nights", "2", "--science", "2",
+               "--workers", "2", "--quiet"])
+    assert rc == 0, capsys.readouterr()
+    manifest = json.loads((out / "manifest.json").read_text())
+    (store,) = [p for p in manifest["products"] if p["kind"] == "raw_store"]
+    fits_files = sorted((out / "raw_fits").rglob("*.fits"))
+    assert store["n_inputs"] == len(fits_files) == store["frames"]
+    assert store["path"] == "raw.zarr" and store["night"] == ["2023-01-18", "2023-01-19"]
+    assert store["telescope"] == ["MST2"] and store["filter"] == ["g"]
+    for key in ("kind", "telescope", "filter", "night", "path", "n_inputs", "inputs", "config"):
+        assert key in store
+    assert manifest["runs"][-1]["command"].startswith("mstdask demo")
+    ds = mstdask.open_store(out / "raw.zarr")
+    i = int(np.flatnonzero(ds.imagetyp.values == "science")[0])
+    assert np.array_equal(ds.raw[i].values, fits.getdata(str(ds.path.values[i])))
+    # info, human and JSON
+    assert main(["info", str(out / "raw.zarr")]) == 0
+    text = capsys.readouterr().out
+    assert "2023-01-18" in text and "bias" in text
+    assert main(["info", str(out / "raw.zarr"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["frames"] == len(fits_files) and set(info["nights"]) == {"2023-01-18", "2023-01-19"}
+    assert info["imagetyp_counts"]["science"] == 4
+
+
+def test_run_on_real_frames_reports_rejects(tmp_path):
+    src = need_shared(SHEFFIELD)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "mstdask.cli", "run", str(src), "--out", str(out),
+                           "--workers", "1", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr  # dark1.fit (float32) is rejected, the rest is done
+    assert "REJECTED" in proc.stdout and "dark1.fit" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["path"].endswith("dark1.fit") for r in manifest["rejected"]] == [True]
+    assert manifest["products"][0]["n_inputs"] == 26
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nope.zarr")]) == 2
+    assert "no Zarr store" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: nonsense\n")
+    assert main(["ingest", str(tmp_path), "--store", str(tmp_path / "s.zarr"), "--cluster", str(bad)]) == 2
+    assert "kind" in capsys.readouterr().err
