@@ -38,19 +38,24 @@ FULL = (6388, 9576)
 
 
 def make_frames(folder: Path, n: int, shape: tuple[int, int], seed: int) -> list[Path]:
-    """Simulated full-size science frames written as camera-like FITS files."""
-    from mstdask.testing import CameraModel, make_camera, simulate_star_catalog, write_fits
+    """Simulated science frames (stars, sky, cosmic rays) written as camera-like FITS files."""
+    from datetime import timedelta
+
+    from mstdask.testing import DEFAULT_FIELD, CameraModel, fits_header, make_camera, make_star_catalog, write_fits
 
     folder.mkdir(parents=True, exist_ok=True)
-    camera = make_camera(CameraModel(shape=shape), seed=seed)
+    model = CameraModel(shape=shape)
+    camera = make_camera(model, seed=seed)
     rng = np.random.default_rng(seed)
-    stars = simulate_star_catalog(camera, 65.0, 30.0, rng=rng)
+    ra0, dec0 = DEFAULT_FIELD
+    scale = model.pixel_scale_arcsec / 3600
+    stars = make_star_catalog(ra0, dec0, shape[1] * scale * 1.05, shape[0] * scale * 1.05, rng=rng)
+    start = datetime(2023, 1, 18, 12, 0, 0)
     paths = []
     for i in range(n):
-        data, truth = camera.science(300.0, 65.0, 30.0, stars, rng, frame_index=i)
-        path = folder / f"bench_{i:04d}.fits"
-        write_fits(path, data, truth.header)
-        paths.append(path)
+        data, _ = camera.science(300.0, ra0, dec0, stars, rng, masks=False)
+        header = fits_header(model, "science", start + timedelta(seconds=330 * i), 300.0, ra=ra0, dec=dec0)
+        paths.append(write_fits(folder / f"bench_{i:04d}.fits", data, header))
     return paths
 
 

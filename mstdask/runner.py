@@ -21,7 +21,7 @@ from .config import IngestConfig, SiteConfig, to_dict
 from .errors import BadInputError, MstdaskError, StoreError
 from .io import FrameInfo, discover, scan_frame
 from .manifest import Manifest
-from .store import RawStore, describe, write_frame
+from .store import IngestLock, RawStore, describe, write_frame
 
 __all__ = ["IngestReport", "ingest", "run_pipeline"]
 
@@ -155,12 +155,21 @@ def ingest(inputs: Iterable[str | os.PathLike], store_path: str | os.PathLike, c
         return report
 
     # 2. Open or create the store; the frame shape comes from the store, or from the
-    # most common shape of a first ingest.
-    if Path(store_path, "zarr.json").exists():
-        store = RawStore.open(store_path, mode="r+")
-    else:
+    # most common shape of a first ingest. One ingest at a time writes a store.
+    if not Path(store_path, "zarr.json").exists():
         shape = Counter(i.shape for i in unique).most_common(1)[0][0]
-        store = RawStore.create(store_path, shape, config.layout, config.site)
+        RawStore.create(store_path, shape, config.layout, config.site)
+    with IngestLock(store_path):
+        _write_frames(RawStore.open(store_path, mode="r+"), unique, client, config, progress, report)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _write_frames(store: RawStore, unique: list[FrameInfo], client, config: IngestConfig, progress: bool,
+                  report: IngestReport) -> None:
+    from distributed import as_completed
+
+    store_path = store.path
     shape = store.frame_shape
     good = []
     for info in unique:
@@ -179,8 +188,7 @@ def ingest(inputs: Iterable[str | os.PathLike], store_path: str | os.PathLike, c
     store.update_paths({idx: info.path for idx, info, _ in jobs})
     jobs += [(idx, info, False) for idx, info in zip(store.reserve(new), new)]
     if not jobs:
-        report.seconds = time.perf_counter() - t0
-        return report
+        return
 
     # 4. Pixels, one frame per task; the driver records finished frames every few seconds.
     futures = [client.submit(_write_task, store_path, idx, info, pure=False) for idx, info, _ in jobs]
@@ -211,8 +219,6 @@ def ingest(inputs: Iterable[str | os.PathLike], store_path: str | os.PathLike, c
         store.mark_ingested(done)
         store.consolidate()
         client.cancel(futures)
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def run_pipeline(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, client,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +41,7 @@ from .config import SiteConfig, StoreLayout, to_dict
 from .errors import BadInputError, StoreError
 from .io import FrameInfo, read_pixels
 
-__all__ = ["COORDS", "RawStore", "open_store", "tile_edge", "write_frame"]
+__all__ = ["COORDS", "IngestLock", "RawStore", "open_store", "tile_edge", "write_frame"]
 
 STORE_KIND = "mstdask.raw"
 STORE_VERSION = 1
@@ -94,6 +95,8 @@ def _compressors(layout: StoreLayout) -> list | None:
 def _quiet(func, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata")
+        # the ingest lock file lives in the store while an ingest runs
+        warnings.filterwarnings("ignore", message="Object at .mstdask-ingest.lock")
         return func(*args, **kwargs)
 
 
@@ -257,6 +260,52 @@ class RawStore:
         for root, _, files in os.walk(self.path):
             total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
         return total
+
+
+class IngestLock:
+    """An exclusive lock file so two ingests never write the same store at once.
+
+    A lock left by a process that no longer runs on this host (killed ingest) is taken
+    over; a live one raises :class:`~mstdask.errors.StoreError`.
+    """
+
+    def __init__(self, store_path: str | os.PathLike) -> None:
+        self.file = Path(store_path) / ".mstdask-ingest.lock"
+
+    def _holder_alive(self) -> bool:
+        try:
+            host, pid = self.file.read_text().split()
+            pid_i = int(pid)
+        except (OSError, ValueError):
+            return False
+        if host != socket.gethostname():
+            return True  # cannot check another machine: assume it is alive
+        try:
+            os.kill(pid_i, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def __enter__(self) -> "IngestLock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._holder_alive():
+                    raise StoreError(f"{self.file.parent}: another ingest is writing this store "
+                                     f"({self.file.read_text().strip()}); wait for it to finish, or delete "
+                                     f"{self.file} if that process is gone") from None
+                self.file.unlink(missing_ok=True)  # stale lock of a killed ingest
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+            return self
+        raise StoreError(f"{self.file}: cannot take the ingest lock")
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.unlink(missing_ok=True)
 
 
 def write_frame(store_path: str, index: int, info: FrameInfo) -> dict:

@@ -292,3 +292,21 @@ def test_connect_by_address_and_yaml(tmp_path, frames):
     with pytest.raises(ConfigError, match="kind"):
         with connect(str(bad), quiet=True):
             pass
+
+
+def test_ingest_lock_refuses_a_live_writer_and_takes_over_a_dead_one(client, tmp_path, frames):
+    import socket
+
+    folder, truth = frames
+    store = tmp_path / "s.zarr"
+    files = sorted(truth)
+    assert ingest(files[:2], store, client, progress=False).ok
+    lock = store / ".mstdask-ingest.lock"
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")  # a live process holds it
+    with pytest.raises(mstdask.StoreError, match="another ingest"):
+        ingest(files[2:4], store, client, progress=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(f"{socket.gethostname()} {dead.pid}\n")  # left by a killed ingest
+    report = ingest(files, store, client, progress=False)
+    assert report.ok and len(report.written) == 6 and not lock.exists()
