@@ -223,6 +223,7 @@ class FrameInfo:
     ccd_temp: float
     key: str
     header: str = field(repr=False)
+    data_offset: int = -1
 
 
 def discover(inputs: Iterable[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -319,6 +320,7 @@ def scan_frame(path: str, site: SiteConfig, force_imagetyp: str | None = None) -
         except Exception as exc:  # astropy raises many kinds on broken files
             raise BadInputError(path, f"FITS structure is broken ({exc}); the file may be truncated") from None
         compressed = isinstance(hdu, fits.CompImageHDU) or path.lower().endswith(".gz")
+        data_offset = -1
         if header.get("NAXIS") != 2:
             raise BadInputError(path, f"image has NAXIS={header.get('NAXIS')}; mstdask ingests single 2-D frames")
         shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
@@ -326,8 +328,8 @@ def scan_frame(path: str, site: SiteConfig, force_imagetyp: str | None = None) -
         bzero = float(header.get("BZERO", 0.0))
         bscale = float(header.get("BSCALE", 1.0))
         if not isinstance(hdu, fits.CompImageHDU) and not path.lower().endswith(".gz"):
-            info = hdul.fileinfo(index)
-            need = info["datLoc"] + shape[0] * shape[1] * abs(bitpix) // 8
+            data_offset = int(hdul.fileinfo(index)["datLoc"])
+            need = data_offset + shape[0] * shape[1] * abs(bitpix) // 8
             if size < need:
                 raise BadInputError(
                     path, f"truncated: the header announces {shape[1]}x{shape[0]} pixels of "
@@ -384,6 +386,7 @@ def scan_frame(path: str, site: SiteConfig, force_imagetyp: str | None = None) -
         ccd_temp=_float(_first(header, "CCD-TEMP", "CCDTEMP", "DET-TEMP")),
         key=_frame_key(telescope, instrument, time, imagetyp, exptime, shape),
         header=header_text,
+        data_offset=-1 if compressed else data_offset,
     )
 
 
@@ -401,6 +404,19 @@ def read_pixels(info: FrameInfo) -> np.ndarray:
         uint16 (negative or > 65535 values).
     """
     path = info.path
+    if info.data_offset >= 0 and info.bitpix == 16 and info.bzero == 32768.0:
+        # Fast path for the common camera file: the pixels are one big-endian block at a
+        # known offset. One read, one byte swap, one in-place bit flip (~3x astropy's path).
+        n = info.shape[0] * info.shape[1]
+        try:
+            stored = np.fromfile(path, dtype=">u2", count=n, offset=info.data_offset)
+        except OSError as exc:
+            raise BadInputError(path, f"pixels cannot be read ({exc.strerror})") from None
+        if stored.size != n:
+            raise BadInputError(path, f"truncated: {stored.size} of {n} pixels present; copy the file again")
+        out = stored.astype(np.uint16)  # native byte order
+        out ^= np.uint16(0x8000)
+        return out.reshape(info.shape)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

