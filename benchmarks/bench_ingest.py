@@ -113,9 +113,10 @@ class RssSampler(threading.Thread):
             time.sleep(self.every)
 
 
-def time_mstdask(paths: list[Path], store: Path, workers: int) -> tuple[float, dict[int, int], dict]:
+def time_mstdask(paths: list[Path], store: Path, workers: int, compressor: str) -> tuple[float, dict[int, int], dict]:
     from distributed import Client, LocalCluster
 
+    from mstdask.config import IngestConfig, StoreLayout
     from mstdask.runner import ingest
 
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit="4GiB",
@@ -125,7 +126,7 @@ def time_mstdask(paths: list[Path], store: Path, workers: int) -> tuple[float, d
         idle = {p.pid: p.memory_info().rss for p in sampler.procs}
         sampler.start()
         t0 = time.perf_counter()
-        report = ingest(paths, store, client, progress=False)
+        report = ingest(paths, store, client, IngestConfig(layout=StoreLayout(compressor=compressor)), progress=False)
         os.sync()  # like the cp figure: the data is on disk, not only in the page cache
         dt = time.perf_counter() - t0
         sampler.stop.set()
@@ -142,6 +143,7 @@ def main() -> None:
     ap.add_argument("--shape", default="6388x9576")
     ap.add_argument("--workdir", default="/tmp/mstdask_bench")
     ap.add_argument("--keep", action="store_true", help="keep the simulated FITS files")
+    ap.add_argument("--compressors", default="lz4,none", help="store compressors to measure (first is the default)")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.shape.split("x"))
     work = Path(args.workdir)
@@ -154,22 +156,25 @@ def main() -> None:
             paths = make_frames(raw, args.frames, shape, seed=1)
         sim_s = time.perf_counter() - t0
         nbytes = sum(p.stat().st_size for p in paths)
-        res: dict[str, list[float]] = {"cp": [], "astropy_serial": [], "astropy_parallel": [], "mstdask": []}
+        comps = args.compressors.split(",")
+        res: dict[str, list[float]] = {"cp": [], "astropy_serial": [], "astropy_parallel": []}
+        res.update({f"mstdask_{c}": [] for c in comps})
         peaks: list[int] = []
         idles: list[int] = []
-        store_bytes = 0
+        store_bytes: dict[str, int] = {}
         for _ in range(args.repeat):
             res["cp"].append(time_cp(paths, work / "copy"))
             res["astropy_serial"].append(time_astropy(paths, 1))
             res["astropy_parallel"].append(time_astropy(paths, args.workers))
-            store = work / "bench.zarr"
-            shutil.rmtree(store, ignore_errors=True)
-            dt, peak, idle = time_mstdask(paths, store, args.workers)
-            res["mstdask"].append(dt)
-            peaks.extend(peak.values())
-            idles.extend(idle.values())
-            store_bytes = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
-            shutil.rmtree(store)
+            for comp in comps:
+                store = work / "bench.zarr"
+                shutil.rmtree(store, ignore_errors=True)
+                dt, peak, idle = time_mstdask(paths, store, args.workers, comp)
+                res[f"mstdask_{comp}"].append(dt)
+                peaks.extend(peak.values())
+                idles.extend(idle.values())
+                store_bytes[comp] = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+                shutil.rmtree(store)
         med = {k: statistics.median(v) for k, v in res.items()}
         record = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -179,17 +184,16 @@ def main() -> None:
             "fits_bytes": nbytes, "store_bytes": store_bytes, "simulate_s": round(sim_s, 1),
             "median_s": {k: round(v, 3) for k, v in med.items()},
             "MB_per_s": {k: round(nbytes / 1e6 / v, 1) for k, v in med.items()},
-            "ratio_mstdask_to_astropy_serial": round(med["mstdask"] / med["astropy_serial"], 2),
-            "ratio_mstdask_to_astropy_parallel": round(med["mstdask"] / med["astropy_parallel"], 2),
-            "ratio_mstdask_to_cp": round(med["mstdask"] / med["cp"], 2),
+            "ratio_to_astropy_serial": {c: round(med[f"mstdask_{c}"] / med["astropy_serial"], 2) for c in comps},
+            "ratio_to_cp": {c: round(med[f"mstdask_{c}"] / med["cp"], 2) for c in comps},
             "peak_worker_rss_MB": round(max(peaks) / 1e6),
             "idle_worker_rss_MB": round(max(idles) / 1e6),
         }
         print(json.dumps(record, indent=2))
-        print(f"| {record['date'][:10]} | {len(paths)} x {shape[1]}x{shape[0]} | {args.workers} | "
-              f"{record['MB_per_s']['cp']} | {record['MB_per_s']['astropy_serial']} | "
-              f"{record['MB_per_s']['astropy_parallel']} | {record['MB_per_s']['mstdask']} | "
-              f"{record['ratio_mstdask_to_astropy_parallel']} | {record['peak_worker_rss_MB']} |")
+        mb = record["MB_per_s"]
+        print(f"| {record['date'][:10]} | {len(paths)} x {shape[1]}x{shape[0]} | {args.workers} | {mb['cp']} | "
+              f"{mb['astropy_serial']} | " + " | ".join(str(mb[f"mstdask_{c}"]) for c in comps)
+              + f" | {record['ratio_to_cp'][comps[0]]} | {record['peak_worker_rss_MB']} |")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -310,3 +310,24 @@ def test_ingest_lock_refuses_a_live_writer_and_takes_over_a_dead_one(client, tmp
     lock.write_text(f"{socket.gethostname()} {dead.pid}\n")  # left by a killed ingest
     report = ingest(files, store, client, progress=False)
     assert report.ok and len(report.written) == 6 and not lock.exists()
+
+
+def test_signed_and_8bit_frames(client, tmp_path):
+    """Integer frames that are not uint16 on disk: exact when they fit, rejected when not."""
+    ok8 = np.arange(64 * 96, dtype=np.uint8).reshape(64, 96)
+    fits.PrimaryHDU(ok8, header=fits.Header({"IMAGETYP": "Bias Frame", "DATE-OBS": "2023-01-18T11:00:00",
+                                             "EXPTIME": 0.0})).writeto(tmp_path / "u8.fits")
+    pos16 = np.full((64, 96), 1234, dtype=np.int16)
+    fits.PrimaryHDU(pos16, header=fits.Header({"IMAGETYP": "Bias Frame", "DATE-OBS": "2023-01-18T11:01:00",
+                                               "EXPTIME": 0.0})).writeto(tmp_path / "i16.fits")
+    neg16 = np.full((64, 96), -5, dtype=np.int16)
+    fits.PrimaryHDU(neg16, header=fits.Header({"IMAGETYP": "Bias Frame", "DATE-OBS": "2023-01-18T11:02:00",
+                                               "EXPTIME": 0.0})).writeto(tmp_path / "neg.fits")
+    report = ingest([tmp_path], tmp_path / "s.zarr", client, progress=False)
+    assert [Path(p).name for p, _ in report.rejected] == ["neg.fits"]
+    assert "do not fit in uint16" in report.rejected[0][1]
+    ds = open_store(tmp_path / "s.zarr")
+    assert ds.sizes["frame"] == 2
+    assert np.array_equal(ds.raw[0].values, ok8) and np.array_equal(ds.raw[1].values, pos16)
+    # the rejected frame's slot stays hidden, and is finished if a good copy appears later
+    assert open_store(tmp_path / "s.zarr", include_pending=True).sizes["frame"] == 3
