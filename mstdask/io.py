@@ -394,8 +394,9 @@ def read_pixels(info: FrameInfo) -> np.ndarray:
     """The frame's exact pixels as a native-endian ``uint16`` array of ``info.shape``.
 
     Plain uint16 FITS (BITPIX=16, BZERO=32768) is read without astropy's float scaling:
-    the stored int16 values are offset by 2**15, which is a flip of the top bit, done in
-    one pass straight into the output array.
+    the pixel block is read at its known offset, byte-swapped, and the 2**15 offset applied
+    as a flip of the top bit. Compressed files and other integer layouts go through astropy
+    and are checked to fit uint16 exactly.
 
     Raises
     ------

@@ -17,6 +17,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.time import Time
 
+from ..config import XINGLONG
+
 if TYPE_CHECKING:  # pragma: no cover - import only for annotations
     from astropy.wcs import WCS
 
@@ -33,7 +35,9 @@ __all__ = [
 ]
 
 #: Xinglong Observatory (Xiao et al. 2025, Sect. 2.1), as written in SITELAT/SITELONG/SITEELEV.
-SITE = {"name": "Xinglong", "lat": 40.3936, "lon": 117.5750, "elev": 960.0, "utc_offset_hours": 8.0}
+# One source of truth for the site: mstdask.config.XINGLONG (what ingest assumes by default).
+SITE = {"name": XINGLONG.name, "lat": XINGLONG.latitude_deg, "lon": XINGLONG.longitude_deg,
+        "elev": XINGLONG.elevation_m, "utc_offset_hours": XINGLONG.utc_offset_hours}
 
 #: IMAGETYP values per style: 'maxim' is the ASCOM/MaxIm DL/SGP convention that MST headers
 #: follow, 'nina' is what N.I.N.A. writes. Both are real; pipelines must accept either.
