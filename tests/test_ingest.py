@@ -55,11 +55,6 @@ def test_tile_edges_divide_mst_frames():
     assert tile_edge(7919, 1024) == 1024  # a prime: no divisor, partial last tile
 
 
-def _store_arrays(path):
-    ds = open_store(path)
-    return ds
-
-
 def test_ingest_real_night_pixel_exact(client, tmp_path):
     src = need_shared(SHEFFIELD)
     store = tmp_path / "night.zarr"
