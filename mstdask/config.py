@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["SiteConfig", "XINGLONG", "StoreLayout", "IngestConfig", "ClusterConfig", "to_dict"]
+__all__ = ["SiteConfig", "XINGLONG", "StoreLayout", "IngestConfig", "ClusterConfig", "CalibConfig", "to_dict"]
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -152,3 +152,73 @@ class ClusterConfig:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dictionary of a config object (for manifests and FITS provenance)."""
     return dataclasses.asdict(cfg)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Night calibrations (STIR, Xiao et al. 2025 section 3.1; Zhang et al. 2025 section 3).
+
+    Parameters
+    ----------
+    bias_combine : str
+        ``"clipped-mean"`` (sigma-clipped mean, the default) or ``"median"``.
+    clip_sigma, clip_maxiters : float, int
+        Sigma clipping of the combines.
+    min_frames : int
+        Fewest frames a master is made from; fewer raise InsufficientDataError.
+    ps_threshold_adu : float
+        A pixel is pepper-and-salt when its std over bias frames exceeds this (8 ADU).
+    ps_frames : int
+        Bias frames of one night used for the PS map (100 in MST).
+    ps_min_frames : int
+        Fewest bias frames of one night accepted for a PS map (each of the 3 groups needs
+        enough frames for a meaningful std).
+    ps_groups : int
+        Non-overlapping groups in time whose PS maps are intersected (3).
+    bad_pixel_nsigma : float
+        Bad pixels lie outside this many robust sigmas of the bias-subtracted dark (3).
+    saturation_adu : float
+        Saturated pixels: raw value above this (50000 ADU).
+    flat_window_px : int
+        Median-smoothing window of the large-scale flat (51 px).
+    flat_half_window_nights : int
+        Nightly small-scale flats of nights d-5 .. d+5 are stacked (5).
+    flat_max_days : float
+        Never use flats further than this from the night (two months, 62 days).
+    flat_min_adu, flat_max_adu : float
+        Flats whose median (bias-subtracted) lies outside this range are left out.
+    tile_bytes : int
+        Memory budget of one stack tile (frames x tile pixels x itemsize); sets the
+        spatial tiles of ``frame=-1`` stack reductions.
+    """
+
+    bias_combine: str = "clipped-mean"
+    clip_sigma: float = 3.0
+    clip_maxiters: int = 5
+    min_frames: int = 3
+    ps_threshold_adu: float = 8.0
+    ps_frames: int = 100
+    ps_min_frames: int = 30
+    ps_groups: int = 3
+    bad_pixel_nsigma: float = 3.0
+    saturation_adu: float = 50000.0
+    flat_window_px: int = 51
+    flat_half_window_nights: int = 5
+    flat_max_days: float = 62.0
+    flat_min_adu: float = 5000.0
+    flat_max_adu: float = 45000.0
+    tile_bytes: int = 64 * 2**20
+
+    def __post_init__(self) -> None:
+        _check(self.bias_combine in ("clipped-mean", "median"),
+               f"bias_combine={self.bias_combine!r}; choose 'clipped-mean' or 'median'")
+        _check(self.clip_sigma > 0 and self.clip_maxiters >= 1, "clip_sigma must be > 0 and clip_maxiters >= 1")
+        _check(self.min_frames >= 1, "min_frames must be >= 1")
+        _check(self.ps_threshold_adu > 0, "ps_threshold_adu must be positive")
+        _check(self.ps_groups >= 1 and self.ps_min_frames >= 2 * self.ps_groups,
+               "ps_min_frames must give every PS group at least 2 frames")
+        _check(self.ps_frames >= self.ps_min_frames, "ps_frames must be >= ps_min_frames")
+        _check(self.flat_window_px >= 3 and self.flat_window_px % 2 == 1, "flat_window_px must be odd and >= 3")
+        _check(self.flat_half_window_nights >= 0 and self.flat_max_days > 0, "flat night window must be >= 0")
+        _check(0 <= self.flat_min_adu < self.flat_max_adu, "flat_min_adu must be below flat_max_adu")
+        _check(self.tile_bytes >= 2**20, "tile_bytes must be at least 1 MiB")

@@ -400,3 +400,50 @@ def describe(path: str | os.PathLike) -> dict:
 def dumps(summary: dict) -> str:
     """Indented JSON (for ``mstdask info --json``)."""
     return json.dumps(summary, indent=2, default=str)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def stack_tiles(n_frames: int, frame_shape: tuple[int, int], base_tile: tuple[int, int], itemsize: int,
+                budget_bytes: int) -> tuple[int, int]:
+    """Spatial tile for a ``frame=-1`` stack reduction within a memory budget.
+
+    The tile divides the store's on-disk tile where possible (so each task reads whole
+    parts of few Zarr chunks) and keeps ``n_frames * ty * tx * itemsize <= budget_bytes``.
+    """
+    max_px = max(1, budget_bytes // max(1, n_frames * itemsize))
+    ty_opts = [d for d in _divisors(base_tile[0])] or [base_tile[0]]
+    tx_opts = [d for d in _divisors(base_tile[1])] or [base_tile[1]]
+    best = (1, 1)
+    for ty in ty_opts:
+        for tx in tx_opts:
+            # prefer the largest tile under the budget, then the squarest
+            if ty * tx <= max_px and (ty * tx, -abs(ty - tx)) > (best[0] * best[1], -abs(best[0] - best[1])):
+                best = (ty, tx)
+    if best[0] * best[1] < max_px // 4:
+        # the on-disk tile has awkward divisors (e.g. 1597 is prime): use a square tile
+        edge = int(max_px ** 0.5)
+        best = (min(edge, frame_shape[0]), min(max_px // max(1, min(edge, frame_shape[0])), frame_shape[1]))
+    return best
+
+
+def rechunk_for_stack(raw: xr.DataArray, budget_bytes: int, itemsize: int | None = None) -> xr.DataArray:
+    """Rechunk a ``(frame, y, x)`` array to ``frame=-1`` with spatial tiles (explicitly).
+
+    This is the access pattern of every stack reduction (master bias, PS map, flats):
+    each task holds one tile of all frames, so memory is bounded by ``budget_bytes``
+    whatever the frame size, and tasks never need each other.
+    """
+    n = raw.sizes["frame"]
+    ny, nx = raw.sizes["y"], raw.sizes["x"]
+    base = raw.encoding.get("preferred_chunks", {})
+    base_tile = (base.get("y", ny), base.get("x", nx))
+    if isinstance(raw.data, np.ndarray) or raw.chunks is None:
+        chunks0 = base_tile
+    else:
+        chunks0 = (raw.chunks[1][0], raw.chunks[2][0])
+    ty, tx = stack_tiles(n, (ny, nx), chunks0 if not base else base_tile, itemsize or raw.dtype.itemsize,
+                         budget_bytes)
+    return raw.chunk({"frame": -1, "y": ty, "x": tx})

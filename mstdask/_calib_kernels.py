@@ -1,0 +1,123 @@
+"""Pure NumPy kernels of the night calibrations (no Dask, no xarray).
+
+Each kernel works on one spatial tile of a stack, ``(frame, y, x)``, and returns per-pixel
+results for that tile; :mod:`mstdask.calib` applies them tile by tile over a store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["clipped_mean", "group_moments", "ps_from_moments", "robust_outliers"]
+
+
+def clipped_mean(stack: np.ndarray, sigma: float = 3.0, maxiters: int = 5) -> np.ndarray:
+    """Per-pixel sigma-clipped mean over axis 0 (as ``ccdproc.combine(method='average',
+    sigma_clip=True)`` with median centre and standard deviation).
+
+    Iterates: centre = median of the kept values, spread = their standard deviation,
+    reject values further than ``sigma`` spreads from the centre, until nothing changes or
+    ``maxiters`` is reached. A pixel whose values are all rejected falls back to the median.
+
+    Parameters
+    ----------
+    stack : ndarray, shape (n, ny, nx)
+        The frames (any real dtype; computed in float64).
+    sigma : float
+        Clipping threshold in standard deviations.
+    maxiters : int
+        Maximum clipping iterations.
+
+    Returns
+    -------
+    ndarray of float32, shape (ny, nx)
+    """
+    data = np.asarray(stack, dtype=np.float64)
+    keep = np.ones(data.shape, dtype=bool)
+    for _ in range(maxiters):
+        masked = np.where(keep, data, np.nan)
+        centre = np.nanmedian(masked, axis=0)
+        spread = np.nanstd(masked, axis=0)
+        new_keep = np.abs(data - centre) <= sigma * spread
+        new_keep |= spread == 0  # identical values: keep them all
+        if np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    count = keep.sum(axis=0)
+    total = np.where(keep, data, 0.0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / count
+    fallback = np.median(data, axis=0)
+    return np.where(count > 0, mean, fallback).astype(np.float32)
+
+
+def group_moments(stack: np.ndarray, groups: np.ndarray, n_groups: int, offset: float) -> np.ndarray:
+    """Per-group count, sum and sum of squares over axis 0, in one pass over the tile.
+
+    Parameters
+    ----------
+    stack : ndarray, shape (n, ny, nx)
+    groups : ndarray of int, shape (n,)
+        Group of each frame, ``0 .. n_groups-1``.
+    n_groups : int
+    offset : float
+        Subtracted before summing so the sums of squares keep their precision in float64
+        (the bias level, ~500 ADU).
+
+    Returns
+    -------
+    ndarray of float64, shape (n_groups, 3, ny, nx)
+        ``[:, 0]`` counts, ``[:, 1]`` sums, ``[:, 2]`` sums of squares.
+    """
+    ny, nx = stack.shape[1:]
+    out = np.zeros((n_groups, 3, ny, nx), dtype=np.float64)
+    for g in range(n_groups):
+        sel = np.flatnonzero(groups == g)
+        if sel.size == 0:
+            continue
+        d = stack[sel].astype(np.float64) - offset
+        out[g, 0] = sel.size
+        out[g, 1] = d.sum(axis=0)
+        out[g, 2] = np.einsum("ijk,ijk->jk", d, d)
+    return out
+
+
+def ps_from_moments(moments: np.ndarray, threshold: float, offset: float) -> dict[str, np.ndarray]:
+    """Per-group mean and std, and the pepper-and-salt decision, from :func:`group_moments`.
+
+    Parameters
+    ----------
+    moments : ndarray, shape (n_groups, 3, ny, nx)
+    threshold : float
+        A pixel is PS in a group when its std over that group's frames exceeds this (ADU).
+    offset : float
+        The offset used by :func:`group_moments`.
+
+    Returns
+    -------
+    dict
+        ``group_mean``, ``group_std`` (float32, (n_groups, ny, nx)), ``group_ps`` (bool),
+        ``mean`` and ``std`` over all frames (float32, (ny, nx)), ``ps`` (bool: PS in every
+        group, the paper's intersection).
+    """
+    n, s, ss = moments[:, 0], moments[:, 1], moments[:, 2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gmean = s / n
+        gvar = np.clip((ss - s * s / n) / (n - 1), 0.0, None)
+        N, S, SS = n.sum(0), s.sum(0), ss.sum(0)
+        var = np.clip((SS - S * S / N) / (N - 1), 0.0, None)
+    gstd = np.sqrt(gvar)
+    gps = gstd > threshold
+    return {
+        "group_mean": (gmean + offset).astype(np.float32),
+        "group_std": gstd.astype(np.float32),
+        "group_ps": gps,
+        "mean": (S / N + offset).astype(np.float32),
+        "std": np.sqrt(var).astype(np.float32),
+        "ps": gps.all(axis=0),
+    }
+
+
+def robust_outliers(image: np.ndarray, centre: float, scale: float, nsigma: float) -> np.ndarray:
+    """Pixels further than ``nsigma * scale`` from ``centre`` (robust statistics of the frame)."""
+    return np.abs(np.asarray(image, dtype=np.float64) - centre) > nsigma * scale
