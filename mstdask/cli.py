@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE.zarr")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = sub.add_parser("calibrate", help="night calibrations: master bias, PS and bad-pixel masks -> CALDIR")
+    p.add_argument("store", metavar="STORE.zarr")
+    p.add_argument("--out", required=True, metavar="CALDIR")
+    p.add_argument("--bias-combine", choices=("clipped-mean", "median"), default="clipped-mean")
+    p.add_argument("--ps-threshold", type=float, default=8.0, help="PS pixel: std over bias frames above this (ADU)")
+    p.add_argument("--ps-frames", type=int, default=100, help="bias frames of one night used for the PS map")
+    _cluster_options(p)
+
     p = sub.add_parser("run", help="the main job: ingest, then every pipeline step, into --out")
     p.add_argument("inputs", nargs="+", metavar="RAW")
     p.add_argument("--out", required=True, metavar="DIR")
@@ -126,6 +134,18 @@ def main(argv: list[str] | None = None) -> int:
                 report = ingest(args.inputs, args.store, client, _ingest_config(args), progress=not args.quiet)
             print(report.summary())
             return 0 if report.ok else 1
+
+        if args.command == "calibrate":
+            from .config import CalibConfig
+            from .runner import calibrate
+
+            cfg = CalibConfig(bias_combine=args.bias_combine, ps_threshold_adu=args.ps_threshold,
+                              ps_frames=args.ps_frames, ps_min_frames=min(30, args.ps_frames))
+            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
+                creport = calibrate(args.store, args.out, client, cfg, progress=not args.quiet,
+                                    argv=["mstdask", *argv])
+            print(creport.summary())
+            return 0 if creport.ok else 1
 
         if args.command == "run":
             with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:

@@ -452,3 +452,41 @@ def _to_uint16(stored: np.ndarray, bzero: float, path: str) -> np.ndarray:
         raise BadInputError(path, f"pixel values {lo}..{hi} do not fit in uint16; this is not a raw 16-bit frame")
     out[...] = values
     return out
+
+
+def write_product(path: str | os.PathLike, data: np.ndarray, *, kind: str, telescope: str = "",
+                  filter: str = "", night: str = "", inputs: list[str] | None = None, method: str = "",
+                  params: dict | None = None, extra: dict | None = None) -> str:
+    """Write a calibration product as FITS with a provenance header.
+
+    The header records the product kind, telescope, filter, night, the method and its
+    parameters, the mstdask version, the creation time, and every input file (one
+    ``INPUTnnn`` card each, long paths continued), so the product can be traced and redone.
+    The file is written to a temporary name and renamed, so a crash never leaves a
+    half-written product that looks complete.
+    """
+    from . import __version__
+
+    hdr = fits.Header()
+    hdr["PRODTYPE"] = (kind, "mstdask product kind")
+    hdr["TELESCOP"] = telescope
+    hdr["FILTER"] = filter
+    hdr["NIGHT"] = (night, "local observing night (evening date)")
+    hdr["METHOD"] = method[:68]  # how the product was made
+    hdr["NCOMBINE"] = (len(inputs or []), "number of input frames")
+    hdr["SOFTWARE"] = f"mstdask {__version__}"
+    hdr["DATE"] = (datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "UTC creation time")
+    for key, value in (params or {}).items():
+        hdr[f"HIERARCH MSTDASK {key.upper()}"] = value
+    for key, value in (extra or {}).items():
+        hdr[key] = value
+    for i, p in enumerate(inputs or [], start=1):
+        hdr[f"INPUT{i:03d}" if i < 1000 else f"HIERARCH INPUT{i}"] = os.path.basename(str(p))
+    if inputs:
+        hdr["INPUTDIR"] = os.path.dirname(str(inputs[0]))[:68]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fits.PrimaryHDU(data=data, header=hdr).writeto(tmp, overwrite=True)
+    os.replace(tmp, path)
+    return str(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from .io import FrameInfo, discover, scan_frame
 from .manifest import Manifest
 from .store import IngestLock, RawStore, describe, write_frame
 
-__all__ = ["IngestReport", "ingest", "run_pipeline"]
+__all__ = ["CalibReport", "IngestReport", "calibrate", "ingest", "run_pipeline"]
 
 
 @dataclass
@@ -255,4 +256,150 @@ def run_pipeline(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.Path
     manifest.data["rejected"] = [{"path": p, "reason": r} for p, r in report.rejected]
     manifest.record_run(argv, frames_written=len(report.written), rejected=len(report.rejected))
     manifest.write()
+    if Path(store_path, "zarr.json").exists() and describe(store_path)["frames"]:
+        calib_report = calibrate(store_path, out, client, progress=progress, argv=argv)
+        print(calib_report.summary(), file=sys.stderr)
+        manifest = Manifest(out)
     return report, manifest
+
+
+@dataclass
+class CalibReport:
+    """What ``calibrate`` made, and what it could not make (with the reason)."""
+
+    out_dir: str
+    products: list[dict] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when every product that was asked for could be made."""
+        return not self.skipped
+
+    def summary(self) -> str:
+        """Human-readable summary."""
+        kinds = Counter(p["kind"] for p in self.products)
+        lines = [f"calibrate {self.out_dir}: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+                 + f" in {self.seconds:.1f} s"]
+        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  SKIPPED {what}: {why}" for what, why in self.skipped]
+        return "\n".join(lines)
+
+
+def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client, config=None,
+              progress: bool = True, argv: list[str] | None = None) -> CalibReport:
+    """Night calibrations of a raw store: master biases, PS masks, bad-pixel masks.
+
+    Writes FITS products with provenance headers into ``out_dir``, the same products into
+    ``out_dir/calib.zarr`` (one group per product, ``xarray.open_zarr(..., group=KIND/KEY)``)
+    and entries in ``out_dir/manifest.json`` (kinds ``master_bias``, ``ps_mask``,
+    ``bad_pixel_mask``). A product that cannot be made (too few frames...) is reported and
+    skipped; the others are still made.
+    """
+    import numpy as np
+    import xarray as xr
+
+    from . import calib
+    from .config import CalibConfig
+    from .io import write_product
+    from .masks import MASK_DTYPE, Flag
+    from .store import open_store
+
+    config = config or CalibConfig()
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = CalibReport(out_dir=str(out.resolve()))
+    manifest = Manifest(out)
+    ds = open_store(store_path)
+    zpath = out / "calib.zarr"
+    cfg = to_dict(config)
+
+    def gather(obj):
+        if isinstance(obj, list):
+            return client.gather(client.compute(obj))
+        return client.compute(obj).result()
+
+    def save(kind: str, key: str, data: np.ndarray, ds_extra: dict, *, telescope: str, night: str,
+             inputs: list[str], method: str, params: dict, filter: str = "", extra_hdr: dict | None = None,
+             entry_extra: dict | None = None) -> None:
+        path = out / f"{kind}_{key}.fits"
+        write_product(path, data, kind=kind, telescope=telescope, filter=filter, night=night, inputs=inputs,
+                      method=method, params=params, extra=extra_hdr)
+        zds = xr.Dataset({kind: (("y", "x"), data), **ds_extra},
+                         attrs={"telescope": telescope, "night": night, "filter": filter, "method": method})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zarr v3 notes on string attributes
+            zds.to_zarr(zpath, group=f"{kind}/{key}", mode="w", zarr_format=3, consolidated=True)
+        entry = manifest.add(kind, path, telescope=telescope, filter=filter, night=night, inputs=inputs,
+                             config=cfg, zarr_group=f"calib.zarr/{kind}/{key}", **(entry_extra or {}))
+        report.products.append(entry)
+
+    telescopes = sorted(set(map(str, ds.telescope.values)))
+    with _bar(len(telescopes), "calibrate telescopes", progress) as bar:
+        for tel in telescopes:
+            tds = ds.sel(frame=ds.telescope == tel)
+            is_bias = tds.imagetyp == "bias"
+            bias_nights = sorted(set(map(str, tds.night.values[is_bias.values])))
+            biases: dict[str, xr.DataArray] = {}
+            for night in bias_nights:
+                frames = tds.raw.sel(frame=(is_bias & (tds.night == night)).values)
+                key = f"{tel}_{night}"
+                try:
+                    mb = calib.master_bias(frames, config)
+                except MstdaskError as exc:
+                    report.skipped.append((f"master_bias {key}", str(exc)))
+                    continue
+                biases[night] = mb
+                data = gather(mb.data)
+                save("master_bias", key, data, {}, telescope=tel, night=night, inputs=mb.attrs["inputs"],
+                     method=f"{config.bias_combine} of bias frames", params={"clip_sigma": config.clip_sigma},
+                     extra_hdr={"BUNIT": "adu"})
+            # PS map from the night with the longest bias sequence
+            if bias_nights:
+                counts = {n: int(((tds.night == n) & is_bias).sum()) for n in bias_nights}
+                ps_night = max(bias_nights, key=lambda n: (counts[n], n))
+                frames = tds.raw.sel(frame=(is_bias & (tds.night == ps_night)).values)
+                try:
+                    ps = calib.ps_map(frames, config)
+                    summ = calib.ps_summary(ps)
+                    ps_np, frac, agree, std = gather([ps["ps"].data, summ["fraction"].data,
+                                                      summ["agreement"].data, ps["std"].data])
+                    mask = (ps_np.astype(MASK_DTYPE) * MASK_DTYPE(Flag.PEPPER_SALT))
+                    save("ps_mask", f"{tel}_{ps_night}", mask, {"std": (("y", "x"), std)}, telescope=tel,
+                         night=ps_night, inputs=ps.attrs["inputs"],
+                         method=f"std over {ps.attrs['nframes']} bias > {config.ps_threshold_adu} ADU in all "
+                                f"{config.ps_groups} groups", params={"ps_threshold": config.ps_threshold_adu},
+                         extra_hdr={"PSFRAC": (float(frac), "fraction of PS pixels"),
+                                    "PSAGREE": (float(np.nanmin(agree)), "min agreement between groups")},
+                         entry_extra={"ps_fraction": float(frac), "group_agreement": [float(a) for a in agree]})
+                except MstdaskError as exc:
+                    report.skipped.append((f"ps_mask {tel}", str(exc)))
+            # bad pixels from each night's darks
+            is_dark = tds.imagetyp == "dark"
+            for night in sorted(set(map(str, tds.night.values[is_dark.values]))):
+                key = f"{tel}_{night}"
+                frames = tds.raw.sel(frame=(is_dark & (tds.night == night)).values)
+                try:
+                    bias_night = calib.nearest_night(night, sorted(biases))
+                    if bias_night != night:
+                        report.notes.append(f"bad_pixel_mask {key}: no master bias that night, "
+                                            f"used the one of {bias_night}")
+                    res = calib.bad_pixel_map(frames, biases[bias_night], config)
+                    bad, centre, sigma = gather([res["bad"].data, res["centre"].data, res["sigma"].data])
+                    mask = bad.astype(MASK_DTYPE) * MASK_DTYPE(Flag.BAD_PIXEL)
+                    save("bad_pixel_mask", key, mask, {}, telescope=tel, night=night, inputs=res.attrs["inputs"],
+                         method=f"median dark - master bias outside {config.bad_pixel_nsigma} robust sigma",
+                         params={"nsigma": config.bad_pixel_nsigma},
+                         extra_hdr={"DARKMED": (float(centre), "[adu] median of bias-subtracted dark"),
+                                    "DARKSIG": (float(sigma), "[adu] robust sigma"), "BIASNGHT": bias_night},
+                         entry_extra={"bias_night": bias_night, "bad_fraction": float(bad.mean())})
+                except MstdaskError as exc:
+                    report.skipped.append((f"bad_pixel_mask {key}", str(exc)))
+            bar.update()
+    manifest.record_run(argv, products=len(report.products), skipped=len(report.skipped))
+    manifest.write()
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import xarray as xr
 from astropy.io import fits
 
 import mstdask
@@ -32,6 +33,18 @@ def test_demo_end_to_end(tmp_path, capsys):
     ds = mstdask.open_store(out / "raw.zarr")
     i = int(np.flatnonzero(ds.imagetyp.values == "science")[0])
     assert np.array_equal(ds.raw[i].values, fits.getdata(str(ds.path.values[i])))
+    # the night calibrations ran as part of the main job
+    kinds = sorted(p["kind"] for p in manifest["products"])
+    assert kinds == ["bad_pixel_mask", "bad_pixel_mask", "master_bias", "master_bias", "ps_mask", "raw_store"]
+    for p in manifest["products"]:
+        if p["kind"] == "raw_store":
+            continue
+        hdr = fits.getheader(out / p["path"])
+        assert hdr["PRODTYPE"] == p["kind"] and hdr["TELESCOP"] == "MST2" and hdr["NIGHT"] == p["night"]
+        assert hdr["NCOMBINE"] == p["n_inputs"] and hdr["SOFTWARE"].startswith("mstdask")
+        assert xr.open_zarr(out / "calib.zarr", group=p["zarr_group"].split("/", 1)[1])[p["kind"]].shape == (96, 144)
+    (ps,) = [p for p in manifest["products"] if p["kind"] == "ps_mask"]
+    assert ps["n_inputs"] == 100 and abs(ps["ps_fraction"] - 0.03) < 0.01 and min(ps["group_agreement"]) > 0.8
     # info, human and JSON
     assert main(["info", str(out / "raw.zarr")]) == 0
     text = capsys.readouterr().out
