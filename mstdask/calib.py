@@ -202,3 +202,80 @@ def nearest_night(night: str, available: list[str]) -> str:
         raise InsufficientDataError(f"no night with bias frames to calibrate night {night}")
     target = date.fromisoformat(night)
     return min(available, key=lambda n: (abs((date.fromisoformat(n) - target).days), n))
+
+
+# ----------------------------------------------------------------------------- flats
+def flat_levels(flats: xr.DataArray, bias: xr.DataArray) -> xr.DataArray:
+    """Lazy median level of each bias-subtracted flat (on a 4x-subsampled grid: a level
+    check, not a product), used to leave out under- and over-exposed flats."""
+    sub = flats[:, ::4, ::4].astype(np.float32) - bias[::4, ::4]
+    levels = da.map_blocks(lambda b: np.median(b.reshape(b.shape[0], -1), axis=1),
+                           sub.data.rechunk({0: 1, 1: -1, 2: -1}), drop_axis=(1, 2), dtype=np.float64)
+    return xr.DataArray(levels, dims=("frame",), coords={"path": flats["path"]}, name="level")
+
+
+def small_scale_flat(frame: np.ndarray, window: int = 51, mode: str = "reflect") -> np.ndarray:
+    """One bias-subtracted flat divided by its ``window``-pixel running median (the
+    large-scale flat), i.e. the pixel-to-pixel response (Xiao et al. 2025, section 3.1.2).
+
+    Pixels whose large-scale level is not positive become NaN.
+    """
+    from ._median import running_median
+
+    f = np.asarray(frame, dtype=np.float32)
+    large = running_median(f, size=window, mode=mode)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(large > 0, f / large, np.nan).astype(np.float32)
+
+
+def nightly_small_scale_flat(flats: xr.DataArray, bias: xr.DataArray, config: CalibConfig | None = None,
+                             mode: str = "reflect") -> xr.DataArray:
+    """One night's small-scale flat: the clipped mean of its flats' small-scale flats.
+
+    Each flat is bias-subtracted and divided by its own 51-px running median in one task
+    per frame (the median needs the whole frame: chunks are rechunked to full frames,
+    explicitly), then the frames are combined tile by tile (``frame=-1`` stack reduction).
+
+    Returns
+    -------
+    DataArray (y, x) float32, lazy.
+    """
+    config = config or CalibConfig()
+    check_frames(flats, "flat", config.min_frames, "nightly small-scale flat")
+    full = flats.data.rechunk({0: 1, 1: -1, 2: -1})
+    b = bias.data.rechunk(-1)
+    window = config.flat_window_px
+    per_frame = da.map_blocks(lambda f, bb: small_scale_flat(f[0].astype(np.float32) - bb, window, mode)[None],
+                              full, b, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
+    ssf = xr.DataArray(per_frame, dims=flats.dims, coords=flats.coords)
+    ssf.encoding["preferred_chunks"] = {"y": flats.shape[1], "x": flats.shape[2]}
+    out = _stack_reduce(ssf, lambda t: K.clipped_mean(t, config.clip_sigma, config.clip_maxiters), config,
+                        itemsize=4)
+    return xr.DataArray(out, dims=("y", "x"), name="small_scale_flat", attrs={
+        "ncombine": int(flats.sizes["frame"]), "window_px": window, "mode": mode,
+        "inputs": [str(p) for p in flats["path"].values]})
+
+
+def flat_window_nights(night: str, flat_nights: list[str], config: CalibConfig | None = None) -> list[str]:
+    """Nights whose small-scale flats are stacked into the master flat of ``night``.
+
+    Up to ``flat_half_window_nights`` nights with flats before and as many after (the night
+    itself when it has flats), the nearest first, never more than ``flat_max_days`` away
+    (Xiao et al. 2025: 11 nights, d-5 .. d+5, within two months).
+    """
+    config = config or CalibConfig()
+    d = date.fromisoformat(night)
+    days = {n: (date.fromisoformat(n) - d).days for n in flat_nights}
+    ok = [n for n in flat_nights if abs(days[n]) <= config.flat_max_days]
+    before = sorted((n for n in ok if days[n] < 0), key=lambda n: -days[n])[: config.flat_half_window_nights]
+    after = sorted((n for n in ok if days[n] > 0), key=lambda n: days[n])[: config.flat_half_window_nights]
+    same = [n for n in ok if days[n] == 0]
+    return sorted(before + same + after)
+
+
+def stack_nightly_flats(nightly: list[xr.DataArray]) -> xr.DataArray:
+    """The master flat: the mean of nightly small-scale flats (NaN-aware), lazy."""
+    if not nightly:
+        raise InsufficientDataError("no nightly small-scale flat to stack")
+    stacked = xr.concat(nightly, dim="night")
+    return stacked.mean("night", skipna=True).astype(np.float32).rename("master_flat")

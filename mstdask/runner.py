@@ -222,6 +222,61 @@ def _write_frames(store: RawStore, unique: list[FrameInfo], client, config: Inge
         client.cancel(futures)
 
 
+def _flats(tds, tel: str, biases: dict, config, gather, save, report: "CalibReport", zpath: Path) -> None:
+    """Master flats of one telescope: nightly small-scale flats, then the 11-night stacks."""
+    import numpy as np
+    import xarray as xr
+
+    from . import calib
+
+    is_flat = tds.imagetyp == "flat"
+    for filt in sorted(set(map(str, tds["filter"].values[is_flat.values]))):
+        nightly: dict[str, list[str]] = {}
+        for night in sorted(set(map(str, tds.night.values[(is_flat & (tds["filter"] == filt)).values]))):
+            key = f"{tel}_{filt}_{night}"
+            flats = tds.raw.sel(frame=(is_flat & (tds["filter"] == filt) & (tds.night == night)).values)
+            try:
+                bias_night = calib.nearest_night(night, sorted(biases))
+                bias = biases[bias_night]
+                if bias_night != night:
+                    report.notes.append(f"flats {key}: no master bias that night, used the one of {bias_night}")
+                levels = gather(calib.flat_levels(flats, bias).data)
+                ok = (levels >= config.flat_min_adu) & (levels <= config.flat_max_adu)
+                for path, level in zip(flats["path"].values[~ok], levels[~ok]):
+                    report.notes.append(f"flat {path} left out: level {level:.0f} ADU outside "
+                                        f"{config.flat_min_adu:.0f}-{config.flat_max_adu:.0f} ADU")
+                ssf = calib.nightly_small_scale_flat(flats.isel(frame=np.flatnonzero(ok)), bias, config)
+                data = gather(ssf.data)
+            except MstdaskError as exc:
+                report.skipped.append((f"small_scale_flat {key}", str(exc)))
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                xr.Dataset({"small_scale_flat": (("y", "x"), data)},
+                           attrs={"telescope": tel, "filter": filt, "night": night, "bias_night": bias_night,
+                                  "inputs": ssf.attrs["inputs"]}).to_zarr(
+                    zpath, group=f"small_scale_flat/{key}", mode="w", zarr_format=3, consolidated=True)
+            nightly[night] = ssf.attrs["inputs"]
+        # master flat of every night with flats or science frames of this filter
+        targets = sorted(set(map(str, tds.night.values[((tds.imagetyp == "science") | is_flat).values
+                                                      & (tds["filter"] == filt).values])))
+        for night in targets:
+            key = f"{tel}_{filt}_{night}"
+            use = calib.flat_window_nights(night, sorted(nightly), config)
+            if not use:
+                report.skipped.append((f"master_flat {key}", f"no nightly flat within {config.flat_max_days:.0f} days"))
+                continue
+            parts = [xr.open_zarr(zpath, group=f"small_scale_flat/{tel}_{filt}_{n}")["small_scale_flat"] for n in use]
+            data = gather(calib.stack_nightly_flats(parts).data)
+            inputs = [p for n in use for p in nightly[n]]
+            save("master_flat", key, data, {}, telescope=tel, filter=filt, night=night, inputs=inputs,
+                 method=f"mean of {len(use)} nightly small-scale flats ({config.flat_window_px}-px median)",
+                 params={"window_px": config.flat_window_px, "half_window_nights": config.flat_half_window_nights},
+                 extra_hdr={"NNIGHTS": (len(use), "nights stacked"),
+                            **{f"FLATN{i:03d}": n for i, n in enumerate(use, start=1)}},
+                 entry_extra={"nights": use})
+
+
 def run_pipeline(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, client,
                  config: IngestConfig | None = None, progress: bool = True,
                  argv: list[str] | None = None) -> tuple[IngestReport, Manifest]:
@@ -290,12 +345,13 @@ class CalibReport:
 
 def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client, config=None,
               progress: bool = True, argv: list[str] | None = None) -> CalibReport:
-    """Night calibrations of a raw store: master biases, PS masks, bad-pixel masks.
+    """Night calibrations of a raw store: master biases, PS masks, bad-pixel masks, master flats.
 
     Writes FITS products with provenance headers into ``out_dir``, the same products into
     ``out_dir/calib.zarr`` (one group per product, ``xarray.open_zarr(..., group=KIND/KEY)``)
-    and entries in ``out_dir/manifest.json`` (kinds ``master_bias``, ``ps_mask``,
-    ``bad_pixel_mask``). A product that cannot be made (too few frames...) is reported and
+    and entries in ``out_dir/manifest.json`` (kinds ``master_bias``, ``master_flat``,
+    ``ps_mask``, ``bad_pixel_mask``). Nightly small-scale flats are kept in
+    ``calib.zarr/small_scale_flat/TEL_FILTER_NIGHT`` for the 11-night stacks and Fig. 4. A product that cannot be made (too few frames...) is reported and
     skipped; the others are still made.
     """
     import numpy as np
@@ -398,6 +454,7 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
                          entry_extra={"bias_night": bias_night, "bad_fraction": float(bad.mean())})
                 except MstdaskError as exc:
                     report.skipped.append((f"bad_pixel_mask {key}", str(exc)))
+            _flats(tds, tel, biases, config, gather, save, report, zpath)
             bar.update()
     manifest.record_run(argv, products=len(report.products), skipped=len(report.skipped))
     manifest.write()

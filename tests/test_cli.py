@@ -35,7 +35,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert np.array_equal(ds.raw[i].values, fits.getdata(str(ds.path.values[i])))
     # the night calibrations ran as part of the main job
     kinds = sorted(p["kind"] for p in manifest["products"])
-    assert kinds == ["bad_pixel_mask", "bad_pixel_mask", "master_bias", "master_bias", "ps_mask", "raw_store"]
+    assert kinds == ["bad_pixel_mask", "bad_pixel_mask", "master_bias", "master_bias", "master_flat", "master_flat",
+                     "ps_mask", "raw_store"]
     for p in manifest["products"]:
         if p["kind"] == "raw_store":
             continue
