@@ -279,3 +279,25 @@ def stack_nightly_flats(nightly: list[xr.DataArray]) -> xr.DataArray:
         raise InsufficientDataError("no nightly small-scale flat to stack")
     stacked = xr.concat(nightly, dim="night")
     return stacked.mean("night", skipna=True).astype(np.float32).rename("master_flat")
+
+
+def flat_scatter_vs_nights(nightly: list[xr.DataArray], clip: tuple[float, float] = (0.8, 1.2)) -> xr.DataArray:
+    """The paper's Fig. 4: standard deviation of the stacked small-scale flat vs the number
+    of nights N stacked (nights taken in the given order, N = 1 .. len(nightly)).
+
+    The scatter falls as the photon noise of the flats averages down (noise^2 / N) and
+    levels off at the pixel-to-pixel response (PRNU) when N passes ~11. Pixels outside
+    ``clip`` (bad pixels, edges) are left out.
+
+    Returns
+    -------
+    DataArray (n_nights,) float64, lazy, with coordinate ``n_nights``.
+    """
+    if not nightly:
+        raise InsufficientDataError("no nightly small-scale flat for the scatter curve")
+    stacked = xr.concat(nightly, dim="night")
+    n = xr.DataArray(np.arange(1, stacked.sizes["night"] + 1), dims="night")
+    cum = stacked.fillna(1.0).cumsum("night") / n
+    good = ((stacked >= clip[0]) & (stacked <= clip[1])).all("night")
+    scatter = cum.where(good).std(("y", "x"))
+    return scatter.rename({"night": "n_nights"}).assign_coords(n_nights=n.values).rename("flat_scatter")

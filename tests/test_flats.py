@@ -66,3 +66,27 @@ def test_eleven_night_master_flat_recovers_pixel_response():
     # one night alone is ~sqrt(11) noisier: stacking nights is what reaches 0.1 %
     one = nightly[5].compute().values
     assert np.std(one[good] / truth[good] - 1) > 2 * np.std(err)
+
+
+def test_fig4_scatter_falls_to_the_pixel_response():
+    cam = make_camera(CameraModel(shape=SHAPE), seed=8)
+    rng = np.random.default_rng(2)
+    config = CalibConfig()
+    bias = calib.master_bias(_frames([cam.bias(rng)[0] for _ in range(5)], "bias", "2023-01-13"), config)
+    nightly = []
+    for k in range(12):
+        night = f"2023-01-{13 + k:02d}"
+        flats = [cam.flat(20000.0, night_index=k, rng=rng)[0] for _ in range(5)]
+        nightly.append(calib.nightly_small_scale_flat(_frames(flats, "flat", night), bias, config))
+    curve = calib.flat_scatter_vs_nights(nightly).compute()
+    assert curve.n_nights.values.tolist() == list(range(1, 13))
+    s = curve.values
+    assert np.all(np.diff(s) < 1e-5) and s[-1] < s[0]  # falls as the flats' noise averages down
+    resp = cam.flat_response(night_index=0)
+    prnu = np.std((resp / ndi.median_filter(resp, size=51, mode="reflect"))[~cam.bad_pixel_map])
+    # scatter^2 = prnu^2 + noise^2 / N (Fig. 4): the fitted floor is the injected pixel response
+    n = curve.n_nights.values
+    (floor, noise2), *_ = np.linalg.lstsq(np.c_[np.ones_like(n), 1.0 / n], s ** 2, rcond=None)
+    assert abs(np.sqrt(floor) / prnu - 1) < 0.03
+    # the photon noise of 5 flats of 20000 ADU (5000 e-): 1/sqrt(5 * 5000) = 0.63 %
+    assert abs(np.sqrt(noise2) / (1 / np.sqrt(5 * 5000)) - 1) < 0.25
