@@ -42,3 +42,25 @@ def test_night_depends_on_site(client, tmp_path):
     ds = open_store(tmp_path / "west.zarr")
     assert set(ds.night.values.tolist()) == {"2023-01-17"}
     assert len(truth.frames) == ds.sizes["frame"]
+
+
+def test_calibrate_identical_for_one_and_two_workers(tmp_path):
+    """Calibration products do not depend on the number of workers."""
+    from astropy.io import fits
+    from distributed import Client, LocalCluster
+
+    from mstdask.runner import calibrate
+
+    write_survey(tmp_path / "raw", nights=2, shape=(60, 90), n_bias=4, n_flat=4, n_dark=3, n_science=1,
+                 n_ps_bias=30, seed=5)
+    products = {}
+    for n in (1, 2):
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, \
+                Client(cl) as c:
+            assert ingest([tmp_path / "raw"], tmp_path / f"s{n}.zarr", c, progress=False).ok
+            rep = calibrate(tmp_path / f"s{n}.zarr", tmp_path / f"cal{n}", c, progress=False)
+            assert rep.ok, rep.summary()
+            products[n] = {p["path"]: fits.getdata(tmp_path / f"cal{n}" / p["path"]) for p in rep.products}
+    assert sorted(products[1]) == sorted(products[2]) and len(products[1]) == 7  # 2 bias, 2 bad, 2 flat, 1 PS
+    for path, data in products[1].items():
+        np.testing.assert_array_equal(data, products[2][path], err_msg=path)
