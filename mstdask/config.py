@@ -164,6 +164,10 @@ class CalibConfig:
         ``"clipped-mean"`` (sigma-clipped mean, the default) or ``"median"``.
     clip_sigma, clip_maxiters : float, int
         Sigma clipping of the combines.
+    bias_max_frames : int
+        A master bias combines at most this many bias frames of the night, the first in
+        time (MST takes 10 at the start of each night); a longer sequence, such as the
+        100-frame PS sequence, adds little to the master and costs 10x the time.
     min_frames : int
         Fewest frames a master is made from; fewer raise InsufficientDataError.
     ps_threshold_adu : float
@@ -195,6 +199,7 @@ class CalibConfig:
     bias_combine: str = "clipped-mean"
     clip_sigma: float = 3.0
     clip_maxiters: int = 5
+    bias_max_frames: int = 20
     min_frames: int = 3
     ps_threshold_adu: float = 8.0
     ps_frames: int = 100
@@ -214,6 +219,7 @@ class CalibConfig:
                f"bias_combine={self.bias_combine!r}; choose 'clipped-mean' or 'median'")
         _check(self.clip_sigma > 0 and self.clip_maxiters >= 1, "clip_sigma must be > 0 and clip_maxiters >= 1")
         _check(self.min_frames >= 1, "min_frames must be >= 1")
+        _check(self.bias_max_frames >= self.min_frames, "bias_max_frames must be >= min_frames")
         _check(self.ps_threshold_adu > 0, "ps_threshold_adu must be positive")
         _check(self.ps_groups >= 1 and self.ps_min_frames >= 2 * self.ps_groups,
                "ps_min_frames must give every PS group at least 2 frames")

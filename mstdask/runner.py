@@ -402,6 +402,7 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
             biases: dict[str, xr.DataArray] = {}
             for night in bias_nights:
                 frames = tds.raw.sel(frame=(is_bias & (tds.night == night)).values)
+                frames = frames.isel(frame=np.argsort(frames["time"].values, kind="stable")[: config.bias_max_frames])
                 key = f"{tel}_{night}"
                 try:
                     mb = calib.master_bias(frames, config)
