@@ -409,11 +409,12 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
                 except MstdaskError as exc:
                     report.skipped.append((f"master_bias {key}", str(exc)))
                     continue
-                biases[night] = mb
                 data = gather(mb.data)
                 save("master_bias", key, data, {}, telescope=tel, night=night, inputs=mb.attrs["inputs"],
                      method=f"{config.bias_combine} of bias frames", params={"clip_sigma": config.clip_sigma},
                      extra_hdr={"BUNIT": "adu"})
+                # later steps read the written master back (lazily) instead of recomputing its graph
+                biases[night] = xr.open_zarr(zpath, group=f"master_bias/{key}")["master_bias"]
             # PS map from the night with the longest bias sequence
             if bias_nights:
                 counts = {n: int(((tds.night == n) & is_bias).sum()) for n in bias_nights}
