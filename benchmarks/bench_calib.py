@@ -44,42 +44,19 @@ import os
 import platform
 import shutil
 import statistics
-import threading
 import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from _common import RssSampler
 
 FULL = (6388, 9576)
 GiB = 2**30
 
 
 # ----------------------------------------------------------------------------- helpers
-class RssSampler(threading.Thread):
-    """Samples the resident memory of a set of processes; keeps each one's peak
-    (as in bench_ingest.py)."""
-
-    def __init__(self, pids: list[int], every: float = 0.05) -> None:
-        super().__init__(daemon=True)
-        import psutil
-
-        self.procs = [psutil.Process(p) for p in pids]
-        self.peak = {p.pid: 0 for p in self.procs}
-        self.every = every
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for p in self.procs:
-                try:
-                    self.peak[p.pid] = max(self.peak[p.pid], p.memory_info().rss)
-                except Exception:  # noqa: BLE001 - a worker may be restarting
-                    pass
-            time.sleep(self.every)
-
-
 @contextlib.contextmanager
 def cluster(workers: int):
     """A fresh LocalCluster (workers x 1 thread, 4 GiB each) and its client; yields

@@ -29,13 +29,13 @@ import platform
 import shutil
 import statistics
 import subprocess
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from _common import RssSampler
 
 FULL = (6388, 9576)
 
@@ -89,28 +89,6 @@ def time_astropy(paths: list[Path], processes: int) -> float:
         with ProcessPoolExecutor(processes) as pool:
             list(pool.map(_read_one, map(str, paths)))
     return time.perf_counter() - t0
-
-
-class RssSampler(threading.Thread):
-    """Samples the resident memory of a set of processes; keeps each one's peak."""
-
-    def __init__(self, pids: list[int], every: float = 0.05) -> None:
-        super().__init__(daemon=True)
-        import psutil
-
-        self.procs = [psutil.Process(p) for p in pids]
-        self.peak = {p.pid: 0 for p in self.procs}
-        self.every = every
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for p in self.procs:
-                try:
-                    self.peak[p.pid] = max(self.peak[p.pid], p.memory_info().rss)
-                except Exception:  # noqa: BLE001 - a worker may be restarting
-                    pass
-            time.sleep(self.every)
 
 
 def time_mstdask(paths: list[Path], store: Path, workers: int, compressor: str) -> tuple[float, dict[int, int], dict]:
