@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["clipped_mean", "group_moments", "ps_from_moments", "robust_outliers"]
+__all__ = ["clipped_mean", "group_moments", "ps_from_moments"]
 
 
 def clipped_mean(stack: np.ndarray, sigma: float = 3.0, maxiters: int = 5) -> np.ndarray:
@@ -110,7 +110,3 @@ def ps_from_moments(moments: np.ndarray, threshold: float, offset: float) -> dic
         "ps": gps.all(axis=0),
     }
 
-
-def robust_outliers(image: np.ndarray, centre: float, scale: float, nsigma: float) -> np.ndarray:
-    """Pixels further than ``nsigma * scale`` from ``centre`` (robust statistics of the frame)."""
-    return np.abs(np.asarray(image, dtype=np.float64) - centre) > nsigma * scale

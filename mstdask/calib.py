@@ -1,5 +1,5 @@
-"""Night calibrations as lazy xarray/Dask graphs: master bias, pepper-and-salt map, bad and
-saturated pixels (Xiao et al. 2025 section 3.1; Zhang et al. 2025 sections 3.1-3.2).
+"""Night calibrations as lazy xarray/Dask graphs: master bias, pepper-and-salt map, bad
+pixels, master flats (saturated pixels: :func:`mstdask.masks.saturated`) (Xiao et al. 2025 section 3.1; Zhang et al. 2025 sections 3.1-3.2).
 
 Every function takes frames from a raw store (``mstdask.open_store``) and returns lazy
 results; nothing here computes. Stack reductions are rechunked explicitly to ``frame=-1``
@@ -26,8 +26,13 @@ __all__ = [
     "ps_map",
     "ps_summary",
     "bad_pixel_map",
-    "saturation_mask",
     "nearest_night",
+    "flat_levels",
+    "small_scale_flat",
+    "nightly_small_scale_flat",
+    "flat_window_nights",
+    "stack_nightly_flats",
+    "flat_scatter_vs_nights",
 ]
 
 
@@ -190,12 +195,6 @@ def _exact_median(x: da.Array) -> da.Array:
                          drop_axis=0, dtype=np.float64, meta=np.empty((), np.float64))
 
 
-def saturation_mask(raw: xr.DataArray, config: CalibConfig | None = None) -> xr.DataArray:
-    """Per-frame saturated pixels: raw value above ``saturation_adu`` (lazy, bool)."""
-    config = config or CalibConfig()
-    return (raw > config.saturation_adu).rename("saturated")
-
-
 def nearest_night(night: str, available: list[str]) -> str:
     """The available night nearest to ``night`` (earlier wins a tie)."""
     if not available:
@@ -248,7 +247,6 @@ def nightly_small_scale_flat(flats: xr.DataArray, bias: xr.DataArray, config: Ca
     per_frame = da.map_blocks(lambda f, bb: small_scale_flat(f[0].astype(np.float32) - bb, window, mode)[None],
                               full, b, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
     ssf = xr.DataArray(per_frame, dims=flats.dims, coords=flats.coords)
-    ssf.encoding["preferred_chunks"] = {"y": flats.shape[1], "x": flats.shape[2]}
     out = _stack_reduce(ssf, lambda t: K.clipped_mean(t, config.clip_sigma, config.clip_maxiters), config,
                         itemsize=4)
     return xr.DataArray(out, dims=("y", "x"), name="small_scale_flat", attrs={

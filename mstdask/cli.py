@@ -117,6 +117,20 @@ def _print_info(store: str, as_json: bool) -> None:
               f"{e['first_utc']:<20}{e['last_utc']:<20}{','.join(e['telescopes'])}/{','.join(e['filters'])}")
 
 
+def _run(inputs: list, out, args: argparse.Namespace, config: IngestConfig, argv: list[str]) -> int:
+    """The main job (``run`` and ``demo``) on the cluster the options ask for."""
+    from .cluster import connect
+    from .runner import run_pipeline
+
+    with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
+        report, manifest = run_pipeline(inputs, out, client, config, progress=not args.quiet,
+                                        argv=["mstdask", *argv])
+    print(report.summary())
+    print(f"products: {len(manifest.products)} listed in {manifest.path}")
+    print(json.dumps([{k: p[k] for k in ("kind", "path", "n_inputs")} for p in manifest.products]))
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mstdask`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         from .cluster import connect
-        from .runner import ingest, run_pipeline
+        from .runner import ingest
 
         if args.command == "ingest":
             with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
@@ -148,12 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if creport.ok else 1
 
         if args.command == "run":
-            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
-                report, manifest = run_pipeline(args.inputs, args.out, client, _ingest_config(args),
-                                                progress=not args.quiet, argv=["mstdask", *argv])
-            print(report.summary())
-            print(f"products: {len(manifest.products)} listed in {manifest.path}")
-            return 0 if report.ok else 1
+            return _run(args.inputs, args.out, args, _ingest_config(args), argv)
 
         if args.command == "demo":
             from .testing import write_survey
@@ -168,13 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"simulating {args.nights} nights of {nx}x{ny} frames into {raw_dir} ...", file=sys.stderr)
             write_survey(raw_dir, nights=args.nights, shape=(ny, nx), n_science=args.science, seed=args.seed)
             print(f"  done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
-                report, manifest = run_pipeline([raw_dir], out, client, IngestConfig(), progress=not args.quiet,
-                                                argv=["mstdask", *argv])
-            print(report.summary())
-            print(f"products: {len(manifest.products)} listed in {manifest.path}")
-            print(json.dumps([{k: p[k] for k in ("kind", "path", "n_inputs")} for p in manifest.products]))
-            return 0 if report.ok else 1
+            return _run([raw_dir], out, args, IngestConfig(), argv)
     except MstdaskError as exc:
         print(f"mstdask {args.command}: error: {exc}", file=sys.stderr)
         return 2

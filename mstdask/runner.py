@@ -297,8 +297,8 @@ def run_pipeline(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.Path
     store_path = out / "raw.zarr"
     report = ingest(raw_inputs, store_path, client, config, progress=progress)
     manifest = Manifest(out)
-    if Path(store_path, "zarr.json").exists():
-        info = describe(store_path)
+    info = describe(store_path) if Path(store_path, "zarr.json").exists() else None
+    if info is not None:
         store = RawStore.open(store_path, mode="r")
         done = store.coord("ingested")
         manifest.add(
@@ -311,7 +311,7 @@ def run_pipeline(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.Path
     manifest.data["rejected"] = [{"path": p, "reason": r} for p, r in report.rejected]
     manifest.record_run(argv, frames_written=len(report.written), rejected=len(report.rejected))
     manifest.write()
-    if Path(store_path, "zarr.json").exists() and describe(store_path)["frames"]:
+    if info is not None and info["frames"]:
         calib_report = calibrate(store_path, out, client, progress=progress, argv=argv)
         print(calib_report.summary(), file=sys.stderr)
         manifest = Manifest(out)

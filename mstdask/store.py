@@ -436,14 +436,8 @@ def rechunk_for_stack(raw: xr.DataArray, budget_bytes: int, itemsize: int | None
     each task holds one tile of all frames, so memory is bounded by ``budget_bytes``
     whatever the frame size, and tasks never need each other.
     """
-    n = raw.sizes["frame"]
     ny, nx = raw.sizes["y"], raw.sizes["x"]
-    base = raw.encoding.get("preferred_chunks", {})
-    base_tile = (base.get("y", ny), base.get("x", nx))
-    if isinstance(raw.data, np.ndarray) or raw.chunks is None:
-        chunks0 = base_tile
-    else:
-        chunks0 = (raw.chunks[1][0], raw.chunks[2][0])
-    ty, tx = stack_tiles(n, (ny, nx), chunks0 if not base else base_tile, itemsize or raw.dtype.itemsize,
-                         budget_bytes)
+    # tiles divide the current chunks: for store data those are the on-disk tiles
+    base = (ny, nx) if raw.chunks is None else (raw.chunks[1][0], raw.chunks[2][0])
+    ty, tx = stack_tiles(raw.sizes["frame"], (ny, nx), base, itemsize or raw.dtype.itemsize, budget_bytes)
     return raw.chunk({"frame": -1, "y": ty, "x": tx})

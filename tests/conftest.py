@@ -63,3 +63,19 @@ def frames(tmp_path):
                               "EXPTIME": 0.0 if "Bias" in kind else 300.0})
         truth[str(path)] = data
     return folder, truth
+
+
+def stack_frames(frames: list[np.ndarray], kind: str, night: str = "2023-01-18", exptime: float = 0.0):
+    """Frames as a lazy ``(frame, y, x)`` DataArray with the coordinates a store gives
+    (imagetyp, path, time, night, exptime), one frame per chunk."""
+    import dask.array
+    import pandas as pd
+    import xarray as xr
+
+    n = len(frames)
+    return xr.DataArray(
+        dask.array.from_array(np.stack(frames), chunks=(1, *frames[0].shape)), dims=("frame", "y", "x"),
+        coords={"imagetyp": ("frame", [kind] * n),
+                "path": ("frame", [f"/sim/{night}/{kind}_{i:03d}.fits" for i in range(n)]),
+                "time": ("frame", pd.date_range(f"{night}T10:40", periods=n, freq="15s").values),
+                "night": ("frame", [night] * n), "exptime": ("frame", [exptime] * n)}, name="raw")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dask
 import numpy as np
-import pandas as pd
 import pytest
 import xarray as xr
 
@@ -15,6 +14,8 @@ from mstdask.errors import BadInputError, InsufficientDataError
 from mstdask.masks import Flag, describe_flags, saturated
 from mstdask.testing import CameraModel, make_camera
 
+from conftest import stack_frames
+
 SHAPE = (120, 180)
 
 
@@ -23,20 +24,10 @@ def camera():
     return make_camera(CameraModel(shape=SHAPE), seed=11)
 
 
-def _stack(frames, kind, exptime=0.0, start="2023-01-18T10:40:00"):
-    n = len(frames)
-    times = pd.date_range(start, periods=n, freq="15s").values
-    return xr.DataArray(
-        dask.array.from_array(np.stack(frames), chunks=(1, *SHAPE)), dims=("frame", "y", "x"),
-        coords={"imagetyp": ("frame", [kind] * n), "path": ("frame", [f"/sim/{kind}_{i:03d}.fits" for i in range(n)]),
-                "time": ("frame", times), "night": ("frame", ["2023-01-18"] * n),
-                "exptime": ("frame", [exptime] * n)}, name="raw")
-
-
 @pytest.fixture(scope="module")
 def bias100(camera):
     rng = np.random.default_rng(5)
-    return _stack([camera.bias(rng)[0] for _ in range(100)], "bias")
+    return stack_frames([camera.bias(rng)[0] for _ in range(100)], "bias")
 
 
 def test_flags_are_table1():
@@ -103,7 +94,7 @@ def test_ps_map_recovers_telegraph_pixels(camera, bias100):
 
 def test_bad_pixels_from_darks(camera, bias100):
     rng = np.random.default_rng(9)
-    darks = _stack([camera.dark(300.0, rng)[0] for _ in range(3)], "dark", exptime=300.0)
+    darks = stack_frames([camera.dark(300.0, rng)[0] for _ in range(3)], "dark", exptime=300.0)
     mb = calib.master_bias(bias100.isel(frame=slice(0, 10)))
     res = calib.bad_pixel_map(darks, mb).compute()
     hot = camera.hot_map
@@ -119,7 +110,7 @@ def test_bad_pixels_from_darks(camera, bias100):
 
 def test_wrong_types_and_too_few_frames_are_refused(bias100):
     mixed = xr.concat([bias100.isel(frame=slice(0, 4)),
-                       _stack([np.zeros(SHAPE, np.uint16)], "flat")], dim="frame")
+                       stack_frames([np.zeros(SHAPE, np.uint16)], "flat")], dim="frame")
     with pytest.raises(BadInputError, match="flat frame in a group of bias"):
         calib.master_bias(mixed)
     with pytest.raises(InsufficientDataError, match="at least 3"):

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import dask
 import numpy as np
-import pandas as pd
 import scipy.ndimage as ndi
-import xarray as xr
 
 from mstdask import calib
 from mstdask.config import CalibConfig
 from mstdask.testing import CameraModel, make_camera
 
+from conftest import stack_frames
+
 SHAPE = (90, 140)
-
-
-def _frames(frames, kind, night):
-    n = len(frames)
-    return xr.DataArray(
-        dask.array.from_array(np.stack(frames), chunks=(1, *SHAPE)), dims=("frame", "y", "x"),
-        coords={"imagetyp": ("frame", [kind] * n), "path": ("frame", [f"/sim/{night}/{kind}_{i:02d}.fits" for i in range(n)]),
-                "time": ("frame", pd.date_range(f"{night}T10:45", periods=n, freq="20s").values),
-                "night": ("frame", [night] * n)})
 
 
 def test_flat_window_nights():
@@ -50,9 +40,9 @@ def test_eleven_night_master_flat_recovers_pixel_response():
     nightly = []
     for k in range(11):
         night = f"2023-01-{13 + k:02d}"
-        bias = calib.master_bias(_frames(bias_frames, "bias", night), config)
+        bias = calib.master_bias(stack_frames(bias_frames, "bias", night), config)
         flats = [cam.flat(40000.0, night_index=k, rng=rng)[0] for _ in range(20)]
-        nightly.append(calib.nightly_small_scale_flat(_frames(flats, "flat", night), bias, config))
+        nightly.append(calib.nightly_small_scale_flat(stack_frames(flats, "flat", night), bias, config))
     master = calib.stack_nightly_flats(nightly).compute().values
     resp = cam.flat_response(night_index=5)
     truth = resp / ndi.median_filter(resp, size=51, mode="reflect")
@@ -72,12 +62,12 @@ def test_fig4_scatter_falls_to_the_pixel_response():
     cam = make_camera(CameraModel(shape=SHAPE), seed=8)
     rng = np.random.default_rng(2)
     config = CalibConfig()
-    bias = calib.master_bias(_frames([cam.bias(rng)[0] for _ in range(5)], "bias", "2023-01-13"), config)
+    bias = calib.master_bias(stack_frames([cam.bias(rng)[0] for _ in range(5)], "bias", "2023-01-13"), config)
     nightly = []
     for k in range(12):
         night = f"2023-01-{13 + k:02d}"
         flats = [cam.flat(20000.0, night_index=k, rng=rng)[0] for _ in range(5)]
-        nightly.append(calib.nightly_small_scale_flat(_frames(flats, "flat", night), bias, config))
+        nightly.append(calib.nightly_small_scale_flat(stack_frames(flats, "flat", night), bias, config))
     curve = calib.flat_scatter_vs_nights(nightly).compute()
     assert curve.n_nights.values.tolist() == list(range(1, 13))
     s = curve.values
