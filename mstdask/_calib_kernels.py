@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["clipped_mean", "group_moments", "ps_from_moments"]
+__all__ = ["clipped_mean", "in_strips", "moment_sums", "group_moments", "ps_from_moments"]
 
 
 def clipped_mean(stack: np.ndarray, sigma: float = 3.0, maxiters: int = 5) -> np.ndarray:
@@ -42,6 +42,62 @@ def clipped_mean(stack: np.ndarray, sigma: float = 3.0, maxiters: int = 5) -> np
         bad = np.isnan(mean)
         mean[bad] = np.median(np.asarray(stack)[:, bad], axis=0)
     return np.asarray(mean, dtype=np.float32)
+
+
+def in_strips(kernel, stack: np.ndarray, max_bytes: int, n_out: int | None = None,
+              dtype=np.float32) -> np.ndarray:
+    """Apply a per-pixel stack kernel to row strips of ``stack`` and assemble the result.
+
+    A whole stored tile of every frame is read once per task (decoding it in parts would
+    decode it once per part); the kernel's float64 temporaries are then bounded by
+    ``max_bytes`` through the strip height, whatever the number of frames.
+
+    Parameters
+    ----------
+    kernel : callable
+        ``kernel(stack[:, rows]) -> (strip_rows, nx)`` or ``(n_out, strip_rows, nx)``.
+    stack : ndarray, shape (n, ny, nx)
+    max_bytes : int
+        Budget of one strip as float64: ``n * rows * nx * 8 <= max_bytes`` (at least one row).
+    n_out : int, optional
+        Leading dimension of the kernel's result, when it has one.
+    dtype : dtype
+        Of the result.
+    """
+    n, ny, nx = stack.shape
+    rows = int(max(1, min(ny, max_bytes // max(1, n * nx * 8))))
+    shape = (ny, nx) if n_out is None else (n_out, ny, nx)
+    out = np.empty(shape, dtype=dtype)
+    for y0 in range(0, ny, rows):
+        out[..., y0:y0 + rows, :] = kernel(stack[:, y0:y0 + rows])
+    return out
+
+
+def moment_sums(block: np.ndarray, offset: float) -> np.ndarray:
+    """Per-pixel sum and sum of squares over axis 0 of a block of frames, frame by frame.
+
+    The streaming half of a one-pass mean/variance: partial sums of blocks of a few
+    frames add up to the sums over any number of frames, and only two float64 planes
+    are ever held.
+
+    Parameters
+    ----------
+    block : ndarray, shape (n, ny, nx)
+    offset : float
+        Subtracted first, so float64 sums of squares keep their precision (the bias level).
+
+    Returns
+    -------
+    ndarray of float64, shape (2, ny, nx): sums, sums of squares.
+    """
+    out = np.zeros((2,) + block.shape[1:], dtype=np.float64)
+    d = np.empty(block.shape[1:], dtype=np.float64)
+    for frame in block:
+        np.subtract(frame, offset, out=d, dtype=np.float64)
+        out[0] += d
+        d *= d
+        out[1] += d
+    return out
 
 
 def group_moments(stack: np.ndarray, groups: np.ndarray, n_groups: int, offset: float) -> np.ndarray:

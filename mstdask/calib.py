@@ -59,14 +59,39 @@ def check_frames(frames: xr.DataArray, imagetyp: str, min_frames: int, what: str
 
 
 def _stack_reduce(frames: xr.DataArray, kernel, config: CalibConfig, n_out: int | None = None,
-                  dtype=np.float32, itemsize: int | None = None) -> da.Array:
-    """Apply ``kernel(tile_stack) -> (ny, nx)`` (or ``(n_out, ny, nx)``) tile by tile."""
-    stacked = rechunk_for_stack(frames, config.tile_bytes, itemsize)
+                  dtype=np.float32) -> da.Array:
+    """Apply ``kernel(tile_stack) -> (ny, nx)`` (or ``(n_out, ny, nx)``) tile by tile.
+
+    Rechunks explicitly to ``frame=-1`` with the stored spatial tiles (split only when one
+    tile of all frames exceeds ``config.stack_bytes``), so every stored tile is decoded
+    once; inside a task the kernel runs on row strips within ``config.tile_bytes``.
+    """
+    stacked = rechunk_for_stack(frames, config.stack_bytes)
     arr = stacked.data
+    budget = config.tile_bytes
+
+    def run(tile):
+        return K.in_strips(kernel, tile, budget, n_out, dtype)
+
     if n_out is None:
-        return da.map_blocks(kernel, arr, drop_axis=0, dtype=dtype, meta=np.empty((0, 0), dtype))
+        return da.map_blocks(run, arr, drop_axis=0, dtype=dtype, meta=np.empty((0, 0), dtype))
     chunks = ((n_out,), arr.chunks[1], arr.chunks[2])
-    return da.map_blocks(kernel, arr, chunks=chunks, dtype=dtype, meta=np.empty((0, 0, 0), dtype))
+    return da.map_blocks(run, arr, chunks=chunks, dtype=dtype, meta=np.empty((0, 0, 0), dtype))
+
+
+def _stream_moments(frames: xr.DataArray, offset: float, block_frames: int) -> da.Array:
+    """Lazy per-pixel (sum, sum of squares) over all ``frames``, ``(2, y, x)`` float64.
+
+    Each task reads ``block_frames`` frames of one stored tile and returns their partial
+    sums; the partials are added in a tree. Memory per task does not depend on the number
+    of frames, and each stored tile is decoded once.
+    """
+    arr = frames.data.rechunk({0: block_frames})
+    nb = len(arr.chunks[0])
+    parts = da.map_blocks(lambda b: K.moment_sums(b, offset)[None], arr, new_axis=1,
+                          chunks=((1,) * nb, (2,), arr.chunks[1], arr.chunks[2]), dtype=np.float64,
+                          meta=np.empty((0, 0, 0, 0), np.float64))
+    return parts.sum(axis=0, split_every=8)
 
 
 def master_bias(bias: xr.DataArray, config: CalibConfig | None = None) -> xr.DataArray:
@@ -118,12 +143,20 @@ def ps_map(bias: xr.DataArray, config: CalibConfig | None = None) -> xr.Dataset:
     G = config.ps_groups
     groups = np.concatenate([np.full(len(part), g) for g, part in enumerate(np.array_split(np.arange(n), G))])
     offset = 500.0  # near the bias level, so float64 sums of squares keep their precision
+    counts = np.bincount(groups, minlength=G)
+    # one streaming pass per group (groups are consecutive runs of frames in time)
+    sums = da.stack([_stream_moments(frames.isel(frame=np.flatnonzero(groups == g)), offset, config.stream_frames)
+                     for g in range(G)])  # (group, 2, y, x)
 
-    def kernel(tile):
-        res = K.ps_from_moments(K.group_moments(tile, groups, G, offset), config.ps_threshold_adu, offset)
+    def finish(m):
+        moments = np.concatenate([np.broadcast_to(counts[:, None, None, None].astype(np.float64),
+                                                  (G, 1) + m.shape[2:]), m], axis=1)
+        res = K.ps_from_moments(moments, config.ps_threshold_adu, offset)
         return np.concatenate([res["group_mean"], res["group_std"], res["mean"][None], res["std"][None]])
 
-    out = _stack_reduce(frames, kernel, config, n_out=2 * G + 2)
+    sums = sums.rechunk({0: -1, 1: -1})
+    out = da.map_blocks(finish, sums, drop_axis=1, chunks=((2 * G + 2,), sums.chunks[2], sums.chunks[3]),
+                        dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
     gstd = out[G:2 * G]
     ds = xr.Dataset(
         {
@@ -133,7 +166,7 @@ def ps_map(bias: xr.DataArray, config: CalibConfig | None = None) -> xr.Dataset:
             "mean": (("y", "x"), out[2 * G]),
             "std": (("y", "x"), out[2 * G + 1]),
         },
-        coords={"group": np.arange(G), "group_frames": ("group", np.bincount(groups, minlength=G))},
+        coords={"group": np.arange(G), "group_frames": ("group", counts)},
         attrs={"ps_threshold_adu": config.ps_threshold_adu, "nframes": n, "ngroups": G,
                "night": str(frames["night"].values[0]) if n else "",
                "inputs": [str(p) for p in frames["path"].values]},
@@ -231,9 +264,10 @@ def nightly_small_scale_flat(flats: xr.DataArray, bias: xr.DataArray, config: Ca
                              mode: str = "reflect") -> xr.DataArray:
     """One night's small-scale flat: the clipped mean of its flats' small-scale flats.
 
-    Each flat is bias-subtracted and divided by its own 51-px running median in one task
-    per frame (the median needs the whole frame: chunks are rechunked to full frames,
-    explicitly), then the frames are combined tile by tile (``frame=-1`` stack reduction).
+    Each flat is bias-subtracted and divided by its own 51-px running median, one task per
+    frame and stored tile with a 25-px halo (``map_overlap``; identical to the whole-frame
+    median, borders included), then the frames are combined tile by tile (``frame=-1``
+    stack reduction, rechunked explicitly).
 
     Returns
     -------
@@ -241,14 +275,32 @@ def nightly_small_scale_flat(flats: xr.DataArray, bias: xr.DataArray, config: Ca
     """
     config = config or CalibConfig()
     check_frames(flats, "flat", config.min_frames, "nightly small-scale flat")
-    full = flats.data.rechunk({0: 1, 1: -1, 2: -1})
-    b = bias.data.rechunk(-1)
+    from ._median import dask_boundary, running_median_tile
+
     window = config.flat_window_px
-    per_frame = da.map_blocks(lambda f, bb: small_scale_flat(f[0].astype(np.float32) - bb, window, mode)[None],
-                              full, b, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
+    r = window // 2
+    raw = flats.data
+    if min(min(raw.chunks[1]), min(raw.chunks[2])) < r:
+        raw = raw.rechunk({1: -1, 2: -1})  # tiles narrower than the halo: whole frames (small frames only)
+    b = bias.data.astype(np.float32).rechunk((raw.chunks[1], raw.chunks[2]))
+    diff = raw.astype(np.float32) - b[None]
+
+    def ratio(block):
+        # block: one frame of one tile with an r-pixel halo on each side (from map_overlap)
+        tile = block[0]
+        large = running_median_tile(tile, window)
+        f = tile[r:tile.shape[0] - r, r:tile.shape[1] - r]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(large > 0, f / large, np.nan).astype(np.float32)[None]
+
+    # the running median needs only a 25-px halo: each (frame, tile) is its own task, no
+    # task ever holds a whole frame, and the result equals the whole-frame median exactly
+    per_frame = da.map_overlap(ratio, diff, depth={0: 0, 1: r, 2: r},
+                               boundary={0: "none", 1: dask_boundary(mode), 2: dask_boundary(mode)},
+                               trim=False, chunks=diff.chunks, dtype=np.float32,
+                               meta=np.empty((0, 0, 0), np.float32))
     ssf = xr.DataArray(per_frame, dims=flats.dims, coords=flats.coords)
-    out = _stack_reduce(ssf, lambda t: K.clipped_mean(t, config.clip_sigma, config.clip_maxiters), config,
-                        itemsize=4)
+    out = _stack_reduce(ssf, lambda t: K.clipped_mean(t, config.clip_sigma, config.clip_maxiters), config)
     return xr.DataArray(out, dims=("y", "x"), name="small_scale_flat", attrs={
         "ncombine": int(flats.sizes["frame"]), "window_px": window, "mode": mode,
         "inputs": [str(p) for p in flats["path"].values]})

@@ -414,6 +414,8 @@ def stack_tiles(n_frames: int, frame_shape: tuple[int, int], base_tile: tuple[in
     parts of few Zarr chunks) and keeps ``n_frames * ty * tx * itemsize <= budget_bytes``.
     """
     max_px = max(1, budget_bytes // max(1, n_frames * itemsize))
+    if base_tile[0] * base_tile[1] <= max_px:
+        return base_tile  # a whole stored tile per task: each tile is decoded once
     ty_opts = [d for d in _divisors(base_tile[0])] or [base_tile[0]]
     tx_opts = [d for d in _divisors(base_tile[1])] or [base_tile[1]]
     best = (1, 1)
