@@ -66,6 +66,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ps-frames", type=int, default=100, help="bias frames of one night used for the PS map")
     _cluster_options(p)
 
+    p = sub.add_parser("reduce", help="STIR per frame: bias, flat, masks, tracks, cosmic rays -> REDUCED.zarr")
+    p.add_argument("store", metavar="STORE.zarr")
+    p.add_argument("--calib", required=True, metavar="CALDIR", help="output folder of `mstdask calibrate`")
+    p.add_argument("--out", required=True, metavar="REDUCED.zarr")
+    p.add_argument("--fits", default=None, metavar="DIR", help="also write DIR/NIGHT/NAME.fits (SCI + MASK)")
+    p.add_argument("--no-tracks", action="store_true", help="skip the satellite-track search")
+    p.add_argument("--no-cosmics", action="store_true", help="skip the cosmic-ray search")
+    _cluster_options(p)
+
+    p = sub.add_parser("characterize", help="detector lab set: bias stability, anomalous pixels, dark current, "
+                                            "linearity, gain and read noise (also per pixel) -> DIR")
+    p.add_argument("store", metavar="STORE.zarr")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--telescope", default=None, help="the camera to characterise (needed when the store holds several)")
+    p.add_argument("--region", type=int, default=2000, metavar="PX",
+                   help="edge of the central region of the frame statistics (default 2000; half a smaller frame)")
+    p.add_argument("--nsigma", type=float, default=5.0, help="anomalous pixels: beyond this many sigmas (default 5)")
+    p.add_argument("--subarea", type=int, default=20, metavar="PX", help="sub-area of the anomalous-pixel density map")
+    p.add_argument("--saturation", type=float, default=50000.0, metavar="ADU",
+                   help="raw level at which flats count as saturated (default 50000)")
+    p.add_argument("--min-flats", type=int, default=20,
+                   help="fewest flats at one exposure time for the per-pixel gain (default 20; the paper has 144)")
+    _cluster_options(p)
+
     p = sub.add_parser("run", help="the main job: ingest, then every pipeline step, into --out")
     p.add_argument("inputs", nargs="+", metavar="RAW")
     p.add_argument("--out", required=True, metavar="DIR")
@@ -80,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--science", type=int, default=4, help="science frames per night")
     p.add_argument("--seed", type=int, default=0)
     _cluster_options(p)
+
+    p = sub.add_parser("certs", help="TLS certificates of a Dask cluster (CA, scheduler/workers, client) -> DIR")
+    p.add_argument("dir", metavar="DIR", help="folder for the certificates, e.g. cluster/certs (created)")
+    p.add_argument("--host", dest="hosts", action="append", default=[], metavar="NAME",
+                   help="host name or IP of the scheduler/workers, repeatable (localhost and 127.0.0.1 always)")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    p.add_argument("--force", action="store_true", help="replace certificates already in DIR")
     return parser
 
 
@@ -140,6 +171,18 @@ def main(argv: list[str] | None = None) -> int:
             _print_info(args.store, args.json)
             return 0
 
+        if args.command == "certs":
+            from .cluster import make_certificates
+
+            files = make_certificates(args.dir, args.hosts, days=args.days, overwrite=args.force)
+            print(f"certificates in {Path(args.dir)}: {files['ca_file'].name} (CA; keep {files['ca_key'].name} "
+                  f"private), {files['node_cert'].name} + {files['node_key'].name} (scheduler and workers), "
+                  f"{files['cert'].name} + {files['key'].name} (clients)", file=sys.stderr)
+            # The tls section of a cluster/NAME.yaml (node_* only for kind: jobqueue).
+            print("tls:\n" + "".join(f"  {k}: {files[k]}\n" for k in ("ca_file", "cert", "key", "node_cert",
+                                                                        "node_key")), end="")
+            return 0
+
         from .cluster import connect
         from .runner import ingest
 
@@ -160,6 +203,29 @@ def main(argv: list[str] | None = None) -> int:
                                     argv=["mstdask", *argv])
             print(creport.summary())
             return 0 if creport.ok else 1
+
+        if args.command == "reduce":
+            from .config import StirConfig
+            from .runner import reduce
+
+            scfg = StirConfig(tracks=not args.no_tracks, cosmic_rays=not args.no_cosmics)
+            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
+                rreport = reduce(args.store, args.calib, args.out, client, scfg, fits_dir=args.fits,
+                                 progress=not args.quiet, argv=["mstdask", *argv])
+            print(rreport.summary())
+            return 0 if rreport.ok else 1
+
+        if args.command == "characterize":
+            from .config import DetectorConfig
+            from .runner import characterize
+
+            dcfg = DetectorConfig(region_px=args.region, anomalous_nsigma=args.nsigma, subarea_px=args.subarea,
+                                  saturation_adu=args.saturation, pixel_min_flats=args.min_flats)
+            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
+                dreport = characterize(args.store, args.out, client, dcfg, progress=not args.quiet,
+                                       argv=["mstdask", *argv], telescope=args.telescope)
+            print(dreport.summary())
+            return 0 if dreport.ok else 1
 
         if args.command == "run":
             return _run(args.inputs, args.out, args, _ingest_config(args), argv)

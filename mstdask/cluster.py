@@ -5,29 +5,58 @@
 joins a running scheduler; ``connect("cluster/NAME.yaml")`` starts or joins the cluster a
 configuration file describes. Only the runner and the command line call this module.
 
-Configuration files (YAML)::
+Configuration files (YAML, checked by :func:`load_cluster_file`; ``cluster/README.md``)::
 
     kind: local            # local | address | jobqueue
     n_workers: 2           # local: LocalCluster arguments
     threads_per_worker: 1
     memory_limit: 4GiB
-    # kind: address -> address: tls://scheduler:8786, tls: {ca_file, cert, key}
-    # kind: jobqueue -> class: SLURMCluster, jobs: 10, options: {cores: 8, memory: 32GiB, ...}
+    # kind: address  -> address: tls://scheduler:8786, tls: {ca_file, cert, key}
+    # kind: jobqueue -> class: SLURMCluster, jobs: 2, options: {cores: 16, memory: 96GiB, ...},
+    #                   tls: {ca_file, cert, key, node_cert, node_key}
+
+TLS file paths are relative to the configuration file (or absolute); :func:`make_certificates`
+(``mstdask certs DIR``) makes them: a CA, one certificate for the scheduler and the workers
+and one for clients.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .config import ClusterConfig
 from .errors import ConfigError
 
-__all__ = ["connect", "load_cluster_file", "default_memory_limit"]
+__all__ = ["connect", "load_cluster_file", "default_memory_limit", "make_certificates", "CERTIFICATE_FILES"]
+
+# Allowed keys per kind: a typo ('adress', 'ca:') is an error, not a silently ignored line.
+_KEYS = {
+    "local": {"kind", "n_workers", "threads_per_worker", "memory_limit", "dashboard_address"},
+    "address": {"kind", "address", "tls"},
+    "jobqueue": {"kind", "class", "jobs", "options", "tls"},
+}
+_TLS_KEYS = ("ca_file", "cert", "key", "node_cert", "node_key")
+
+#: File names :func:`make_certificates` writes, by the ``tls:`` key that takes them.
+CERTIFICATE_FILES = {
+    "ca_file": "ca.pem",          # everyone: the CA that signed the two below
+    "ca_key": "ca-key.pem",       # nobody at run time: keep it private, it signs new certificates
+    "node_cert": "node.pem",      # scheduler and workers
+    "node_key": "node-key.pem",
+    "cert": "client.pem",         # clients (mstdask commands)
+    "key": "client-key.pem",
+}
+
+# The scheduler dashboard of a cluster this process starts: localhost only (reach it over
+# `ssh -L 8787:localhost:8787`); `scheduler_options: {dashboard_address: ...}` overrides it.
+_DASHBOARD = "127.0.0.1:8787"
 
 
 def default_memory_limit(n_workers: int) -> int:
@@ -40,7 +69,25 @@ def default_memory_limit(n_workers: int) -> int:
 
 
 def load_cluster_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a cluster configuration file."""
+    """Read and check a cluster configuration file.
+
+    Parameters
+    ----------
+    path : path-like
+        A ``cluster/NAME.yaml`` file.
+
+    Returns
+    -------
+    dict
+        The parsed file. The structure is checked here (kind, keys, tls section); that the
+        TLS files exist is checked when connecting.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, not YAML, or not a valid configuration; the message says what
+        to change.
+    """
     import yaml
 
     p = Path(path)
@@ -50,12 +97,76 @@ def load_cluster_file(path: str | os.PathLike) -> dict[str, Any]:
         spec = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({exc})") from None
-    if not isinstance(spec, dict) or spec.get("kind") not in ("local", "address", "jobqueue"):
-        raise ConfigError(f"{p}: needs 'kind: local', 'kind: address' or 'kind: jobqueue'")
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind not in _KEYS:
+        raise ConfigError(f"{p}: needs 'kind: local', 'kind: address' or 'kind: jobqueue', not {kind!r} "
+                          "(see cluster/README.md)")
+    unknown = sorted(set(spec) - _KEYS[kind])
+    if unknown:
+        raise ConfigError(f"{p}: unknown key(s) {', '.join(map(str, unknown))} for 'kind: {kind}'; "
+                          f"allowed: {', '.join(sorted(_KEYS[kind]))}")
+
+    tls = spec.get("tls")
+    if tls is not None:
+        if not isinstance(tls, dict):
+            raise ConfigError(f"{p}: 'tls' must be a mapping of ca_file, cert, key (files made by `mstdask certs DIR`)")
+        bad = sorted(set(tls) - set(_TLS_KEYS))
+        if bad:
+            raise ConfigError(f"{p}: unknown tls key(s) {', '.join(map(str, bad))}; allowed: {', '.join(_TLS_KEYS)}")
+        # A jobqueue cluster starts its own scheduler and workers: they need the node certificate.
+        need = ("ca_file", "cert", "key") + (("node_cert", "node_key") if kind == "jobqueue" else ())
+        missing = [k for k in need if not tls.get(k)]
+        if missing:
+            raise ConfigError(f"{p}: the tls section needs {', '.join(missing)} "
+                              f"(`mstdask certs DIR` makes {', '.join(CERTIFICATE_FILES[k] for k in missing)})")
+
+    if kind == "address":
+        address = spec.get("address")
+        if not isinstance(address, str) or not address:
+            raise ConfigError(f"{p}: 'kind: address' needs 'address: tls://host:8786'")
+        if tls and not address.startswith("tls://"):
+            raise ConfigError(f"{p}: a tls section needs a tls:// address, not {address}; change the scheme to tls://")
+        if address.startswith("tls://") and not tls and not _dask_tls_configured():
+            raise ConfigError(f"{p}: {address} is a TLS scheduler; add a tls section with ca_file, cert and key "
+                              "(`mstdask certs DIR` makes them; see cluster/README.md)")
+    elif kind == "jobqueue":
+        if not isinstance(spec.get("class", "SLURMCluster"), str):
+            raise ConfigError(f"{p}: 'class' must be a dask-jobqueue class name such as SLURMCluster or PBSCluster")
+        jobs = spec.get("jobs", 1)
+        if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+            raise ConfigError(f"{p}: 'jobs' must be a whole number >= 1 (batch jobs to submit), not {jobs!r}")
+        options = spec.get("options", {})
+        if not isinstance(options, dict):
+            raise ConfigError(f"{p}: 'options' must be a mapping of {spec.get('class', 'SLURMCluster')} arguments")
+        if "security" in options or ("protocol" in options and tls):
+            raise ConfigError(f"{p}: give TLS files in the tls section, not options.security/options.protocol")
+        if not isinstance(options.get("scheduler_options", {}), dict):
+            raise ConfigError(f"{p}: 'options.scheduler_options' must be a mapping (e.g. dashboard_address: ...)")
     return spec
 
 
-def _security(tls: dict[str, str] | None, base: Path):
+def _dask_tls_configured() -> bool:
+    """Whether dask's own configuration gives a client certificate (distributed.comm.tls)."""
+    import dask
+
+    return bool(dask.config.get("distributed.comm.tls.client.cert", None))
+
+
+def _security(tls: dict[str, str] | None, base: Path, nodes: bool = False, where: str = "tls"):
+    """The :class:`distributed.security.Security` of a ``tls:`` section, or None without one.
+
+    Parameters
+    ----------
+    tls : dict or None
+        ``ca_file``, ``cert``, ``key`` (this process as a client) and, with ``nodes``,
+        ``node_cert``, ``node_key`` (the scheduler and workers this process starts).
+    base : Path
+        Folder that relative paths are relative to (the configuration file's).
+    nodes : bool
+        Also set the scheduler and worker certificate.
+    where : str
+        Named in error messages (the configuration file).
+    """
     if not tls:
         return None
     from distributed.security import Security
@@ -63,14 +174,48 @@ def _security(tls: dict[str, str] | None, base: Path):
     def resolve(key: str) -> str:
         value = tls.get(key)
         if not value:
-            raise ConfigError(f"tls section needs '{key}'")
-        f = (base / value).expanduser() if not os.path.isabs(value) else Path(value)
+            raise ConfigError(f"{where}: the tls section needs '{key}' (`mstdask certs DIR` makes it)")
+        f = Path(os.path.expandvars(str(value))).expanduser()
+        f = f if f.is_absolute() else base / f
         if not f.is_file():
-            raise ConfigError(f"TLS file {f} not found")
+            raise ConfigError(f"{where}: TLS file {f} not found; make the certificates with `mstdask certs DIR` "
+                              "or fix the path (relative paths are relative to the configuration file)")
         return str(f)
 
-    ca, cert, key = resolve("ca_file"), resolve("cert"), resolve("key")
-    return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
+    kwargs = {"tls_ca_file": resolve("ca_file"), "tls_client_cert": resolve("cert"), "tls_client_key": resolve("key")}
+    if nodes:
+        cert, key = resolve("node_cert"), resolve("node_key")
+        kwargs.update(tls_scheduler_cert=cert, tls_scheduler_key=key, tls_worker_cert=cert, tls_worker_key=key)
+    return Security(require_encryption=True, **kwargs)
+
+
+def _jobqueue_cluster(spec: dict[str, Any], base: Path, where: str):
+    """The dask-jobqueue cluster a ``kind: jobqueue`` file describes, not yet scaled.
+
+    Its scheduler starts in this process; workers start when jobs are submitted (``scale``).
+    """
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise ConfigError(f"{where}: 'kind: jobqueue' needs dask-jobqueue "
+                          "(pip install 'mstdask[cluster]' or pip install dask-jobqueue)") from None
+    cls_name = spec.get("class", "SLURMCluster")
+    cls = getattr(dask_jobqueue, cls_name, None)
+    if not isinstance(cls, type):
+        raise ConfigError(f"{where}: dask_jobqueue has no {cls_name}; use SLURMCluster, PBSCluster, SGECluster, "
+                          "LSFCluster, HTCondorCluster or OARCluster")
+    options = dict(spec.get("options") or {})
+    scheduler_options = dict(options.get("scheduler_options") or {})
+    scheduler_options.setdefault("dashboard_address", _DASHBOARD)
+    options["scheduler_options"] = scheduler_options
+    security = _security(spec.get("tls"), base, nodes=True, where=where)
+    if security is not None:
+        options["security"] = security  # jobqueue passes it to the workers as --tls-* options
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {cls_name} rejected the options: {exc}; fix the options section "
+                          "(see cluster/README.md)") from None
 
 
 @contextlib.contextmanager
@@ -114,21 +259,22 @@ def connect(cluster: str | None = None, config: ClusterConfig | None = None,
                 yield client
             return
         if kind == "address":
-            if "address" not in spec:
-                raise ConfigError(f"{cluster}: 'kind: address' needs 'address: tls://host:8786'")
-            client = Client(spec["address"], security=_security(spec.get("tls"), base), timeout="30s")
-        else:
+            security = _security(spec.get("tls"), base, where=cluster)
             try:
-                import dask_jobqueue
-            except ImportError:
-                raise ConfigError(f"{cluster}: 'kind: jobqueue' needs dask-jobqueue (pip install dask-jobqueue)") from None
-            cls_name = spec.get("class", "SLURMCluster")
-            cls = getattr(dask_jobqueue, cls_name, None)
-            if cls is None:
-                raise ConfigError(f"{cluster}: dask_jobqueue has no {cls_name}")
-            owned = cls(**spec.get("options", {}))
-            owned.scale(jobs=int(spec.get("jobs", 1)))
-            client = Client(owned)
+                client = Client(spec["address"], security=security, timeout="30s")
+            except OSError as exc:
+                raise ConfigError(
+                    f"{cluster}: cannot reach the Dask scheduler at {spec['address']} ({exc}); check that it runs "
+                    "(`dask scheduler`), the address and, with TLS, that scheduler and client certificates come "
+                    "from the same CA") from None
+        else:
+            owned = _jobqueue_cluster(spec, base, cluster)
+            try:
+                owned.scale(jobs=int(spec.get("jobs", 1)))
+                client = Client(owned)
+            except BaseException:
+                owned.close()
+                raise
     else:
         try:
             client = Client(cluster, timeout="30s")
@@ -143,3 +289,133 @@ def connect(cluster: str | None = None, config: ClusterConfig | None = None,
         client.close()
         if owned is not None:
             owned.close()
+
+
+def _san_entries(hostnames: Iterable[str]) -> list:
+    """SubjectAlternativeName entries: localhost, 127.0.0.1 and ::1, then ``hostnames``."""
+    from cryptography import x509
+
+    entries: list = []
+    for name in ("localhost", "127.0.0.1", "::1", *hostnames):
+        name = str(name).strip()
+        if not name or "://" in name or "/" in name or " " in name:
+            raise ConfigError(f"certificate host {name!r}: give a host name or IP address "
+                              "(scheduler.example.org, 10.0.0.5, *.svc.cluster.local), not a URL")
+        try:
+            entry = x509.IPAddress(ipaddress.ip_address(name))
+        except ValueError:
+            entry = x509.DNSName(name)
+        if entry not in entries:
+            entries.append(entry)
+    return entries
+
+
+def make_certificates(directory: str | os.PathLike, hostnames: Iterable[str] = (), *, days: int = 365,
+                      overwrite: bool = False) -> dict[str, Path]:
+    """Make the TLS certificates of a Dask cluster: a CA, a scheduler/worker and a client certificate.
+
+    Every certificate is signed by the new CA and names localhost, 127.0.0.1, ::1 and
+    ``hostnames`` as subject alternative names (Dask itself checks the CA, not host names, so
+    a certificate works on any node; the names help other TLS tools). Keys are ECDSA P-256,
+    written readable by the owner only.
+
+    Parameters
+    ----------
+    directory : path-like
+        Created if missing. Put it where scheduler, workers and clients can all read it (a
+        shared file system, a Kubernetes secret); only ``ca-key.pem`` should stay private.
+    hostnames : iterable of str
+        Extra host names or IP addresses of the scheduler and workers.
+    days : int
+        Validity in days (from five minutes ago, for clock skew between nodes).
+    overwrite : bool
+        Replace certificates already in ``directory``.
+
+    Returns
+    -------
+    dict of str to Path
+        The files by the ``tls:`` key that takes them (:data:`CERTIFICATE_FILES`): ``ca_file``,
+        ``cert``, ``key`` (client), ``node_cert``, ``node_key`` (scheduler and workers), and
+        ``ca_key``.
+
+    Raises
+    ------
+    ConfigError
+        ``cryptography`` is missing, a host name is not one, ``days`` < 1, or certificates
+        exist and ``overwrite`` is False.
+    """
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    except ImportError:
+        raise ConfigError("making certificates needs the cryptography package (pip install cryptography)") from None
+    if int(days) < 1:
+        raise ConfigError(f"certificate validity must be at least 1 day, not {days}")
+    out = Path(directory).expanduser()
+    files = {key: out / name for key, name in CERTIFICATE_FILES.items()}
+    present = [f.name for f in files.values() if f.exists()]
+    if present and not overwrite:
+        raise ConfigError(f"{out} already holds {', '.join(present)}; use another folder or --force "
+                          "(overwrite=True) to replace them (every worker and client then needs the new files)")
+    sans = x509.SubjectAlternativeName(_san_entries(hostnames))
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=int(days))
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "mstdask"),
+                          x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def usage(**on: bool) -> x509.KeyUsage:
+        flags = dict(digital_signature=False, content_commitment=False, key_encipherment=False,
+                     data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                     encipher_only=False, decipher_only=False)
+        return x509.KeyUsage(**{**flags, **on})
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = name("mstdask cluster CA")
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    ca_ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+
+    def leaf(common: str, purposes: list) -> tuple:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(common)).issuer_name(ca_name)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(start).not_valid_after(end)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(usage(digital_signature=True), critical=True)
+                .add_extension(x509.ExtendedKeyUsage(purposes), critical=False)
+                .add_extension(sans, critical=False)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        return cert, key
+
+    # Workers both serve (to the scheduler and to each other) and connect: server and client auth.
+    node, node_key = leaf("mstdask scheduler and workers",
+                          [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    client, client_key = leaf("mstdask client", [ExtendedKeyUsageOID.CLIENT_AUTH])
+
+    def write(path: Path, data: bytes, private: bool) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if private:
+            os.chmod(path, 0o600)  # also when an older, wider-open file was overwritten
+
+    pem = serialization.Encoding.PEM
+    pairs = {("ca_file", "ca_key"): (ca, ca_key), ("node_cert", "node_key"): (node, node_key),
+             ("cert", "key"): (client, client_key)}
+    for (cert_key, key_key), (cert, key) in pairs.items():
+        write(files[cert_key], cert.public_bytes(pem), private=False)
+        write(files[key_key], key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()), private=True)
+    return files

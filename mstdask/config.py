@@ -239,3 +239,257 @@ class CalibConfig:
         _check(self.tile_bytes >= 2**20, "tile_bytes must be at least 1 MiB")
         _check(self.stack_bytes >= 2**20, "stack_bytes must be at least 1 MiB")
         _check(self.stream_frames >= 1, "stream_frames must be >= 1")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Detector characterisation of a lab set (Zhang et al. 2025, camera paper sections 2-3).
+
+    Parameters
+    ----------
+    region_px : int
+        Edge of the central region of the frame-level statistics (bias stability,
+        linearity, photon transfer, dark level): 2000 x 2000 pixels, or the central half
+        of a smaller frame.
+    bias_clip_sigma : float
+        Sigma clipping of the overall mean of the per-frame bias means (3, Fig. 1).
+    anomalous_nsigma : float
+        Anomalous pixels lie beyond this many sigmas of the per-pixel mean or std
+        distribution (5, Figs. 3-4).
+    anomalous_clip_sigma : float or None
+        None: the centre and spread of those distributions are the plain mean and std (the
+        paper's); a number: sigma-clipped at this many sigmas.
+    subarea_px : int
+        Sub-area edge of the anomalous-pixel density map (20, Fig. 5).
+    corner_fraction : float
+        Corner boxes of the fixed-pattern summary: this fraction of each frame edge.
+    saturation_adu : float
+        Raw value at or above which a pixel is saturated (50000 ADU, as the pipeline flags).
+    saturated_fraction : float
+        A flat (pair) with more of its central region saturated is left out of the
+        linearity and photon-transfer fits.
+    nonlinearity_floor_adu : float
+        The maximum nonlinearity is reported for signals above this (3000 ADU, Fig. 9).
+    min_linearity_levels : int
+        Fewest unsaturated exposure times for the linearity fit.
+    ptc_min_adu, ptc_max_adu : float
+        Pairs of flats whose mean signal lies in this range give the Eq. 1 gain (median).
+    min_bias_frames : int
+        Fewest bias frames for the per-pixel statistics (the paper: 100).
+    pixel_min_flats : int
+        Fewest flats at one exposure time for the per-pixel gain (the paper: 144 at 2 s).
+    pixel_min_valid : float
+        Fewest pixels (fraction) with a per-pixel gain for its medians to be reported.
+    dark_clip_sigma : float
+        Sigma clipping (median, MAD) of each bias-subtracted dark: rejects cosmic rays and
+        hot pixels, keeps the skewed tail of normal dark current (at 10 sigma a 600 s dark
+        loses ~3 % of its mean to clipped secondary-population pixels).
+    min_dark_exptimes : int
+        Fewest distinct dark exposure times for the dark-current fit.
+    block_frames : int
+        Frames per task of the streaming per-pixel reductions (memory per task does not
+        depend on the number of frames).
+    split_every : int
+        Fan-in of the tree that adds the partial sums.
+    """
+
+    region_px: int = 2000
+    bias_clip_sigma: float = 3.0
+    anomalous_nsigma: float = 5.0
+    anomalous_clip_sigma: float | None = None
+    subarea_px: int = 20
+    corner_fraction: float = 0.05
+    saturation_adu: float = 50000.0
+    saturated_fraction: float = 1e-3
+    nonlinearity_floor_adu: float = 3000.0
+    min_linearity_levels: int = 3
+    ptc_min_adu: float = 5000.0
+    ptc_max_adu: float = 45000.0
+    min_bias_frames: int = 10
+    pixel_min_flats: int = 20
+    pixel_min_valid: float = 0.5
+    dark_clip_sigma: float = 20.0
+    min_dark_exptimes: int = 3
+    block_frames: int = 10
+    split_every: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.region_px >= 1, f"region_px={self.region_px} must be >= 1")
+        _check(self.bias_clip_sigma > 0, "bias_clip_sigma must be positive")
+        _check(self.anomalous_nsigma > 0, "anomalous_nsigma must be positive")
+        _check(self.anomalous_clip_sigma is None or self.anomalous_clip_sigma > 0,
+               "anomalous_clip_sigma must be None (plain mean and std) or positive")
+        _check(self.subarea_px >= 1, f"subarea_px={self.subarea_px} must be >= 1")
+        _check(0 < self.corner_fraction <= 0.5, f"corner_fraction={self.corner_fraction} must be in (0, 0.5]")
+        _check(0 < self.saturation_adu <= 65535, f"saturation_adu={self.saturation_adu} must be in (0, 65535]")
+        _check(0 <= self.saturated_fraction < 1, "saturated_fraction must be in [0, 1)")
+        _check(self.nonlinearity_floor_adu >= 0, "nonlinearity_floor_adu must be >= 0")
+        _check(self.min_linearity_levels >= 3, "min_linearity_levels must be >= 3 (a line and a residual)")
+        _check(0 <= self.ptc_min_adu < self.ptc_max_adu, "ptc_min_adu must be below ptc_max_adu")
+        _check(self.min_bias_frames >= 2, "min_bias_frames must be >= 2 (a variance needs two frames)")
+        _check(self.pixel_min_flats >= 2, "pixel_min_flats must be >= 2 (a variance needs two frames)")
+        _check(0 < self.pixel_min_valid <= 1, "pixel_min_valid must be in (0, 1]")
+        _check(self.dark_clip_sigma > 0, "dark_clip_sigma must be positive")
+        _check(self.min_dark_exptimes >= 2, "min_dark_exptimes must be >= 2 (a line)")
+        _check(self.block_frames >= 1, "block_frames must be >= 1")
+        _check(self.split_every >= 2, "split_every must be >= 2")
+
+
+__all__ += ["DetectorConfig"]
+
+
+@dataclass(frozen=True)
+class StirConfig:
+    """Per-frame STIR step: tracks and cosmic rays (Xiao et al. 2025, sections 3.1.4-3.1.5).
+
+    Parameters
+    ----------
+    tracks, cosmic_rays : bool
+        Run the track and the cosmic-ray detection (the reduction and the calibration
+        masks always run).
+    gain_e_per_adu : float
+        Gain for the cosmic-ray noise model when a frame's header has no EGAIN
+        (0.25 e-/ADU, pipeline paper section 2.3).
+    read_noise_e : float
+        Read noise in electrons for that noise model (1.028 e-, pipeline paper section 2.3).
+    track_binning : int
+        The frame is binned this many pixels a side before the Hough transform (2).
+    track_band_px : float
+        Width of the band around a track's centre line whose pixels more than
+        ``track_nsigma`` above the background are flagged (10 px).
+    track_nsigma : float
+        Flagging threshold above the background median, in standard deviations (3), applied
+        per pixel in the band and to the track's along-track median profile (which widens
+        the band to wherever the track is significant).
+    track_detect_nsigma : float
+        Threshold of the smoothed, binned significance map whose long, thin pieces go into
+        the Hough transform (in units of that map's noise).
+    track_smooth_px : float
+        Gaussian sigma (full-resolution pixels) of the matched filter before thresholding,
+        about half a track's FWHM.
+    track_min_length_px : float
+        Shortest track, and shortest connected piece of the thresholded map whose skeleton
+        votes in the Hough transform (a star or a halo skeletonises to a dot or a spur).
+    track_blob_radius_px : float
+        Round parts of the thresholded map wider than a disk of this radius (full-resolution
+        pixels) are star halos: they are cut out before the Hough transform and ignored
+        when a line is verified.
+    track_min_snr : float
+        A line is a track when the median of its core along the detected extent is this many
+        standard deviations (of that median) above the background ...
+    track_min_coverage : float
+        ... and this fraction of its ``track_segment_px`` segments show signal (a row of
+        stars is bright in a few segments only) ...
+    track_min_core_sigma : float
+        ... and the median of its central 3 px is at least this many standard deviations per
+        pixel (a fainter line could not have been detected: it is the wing of a track found
+        before, or a chance alignment).
+    track_segment_px : float
+        Length of the segments along a line for the coverage and extent tests.
+    track_max_halfwidth_px : float
+        Widest half-width flagged by the profile rule (aircraft trails are wider than
+        satellite tracks).
+    track_max_lines : int
+        Most tracks per frame.
+    track_hough_step_deg : float
+        Angle step of the (coarse) Hough accumulator; each line is then refined by a fit.
+    track_axis_tolerance_deg : float
+        Lines this close to a row or column are checked for being a defect (one pixel wide)
+        or a frame edge.
+    background_box_px : int
+        Cell of the background and noise grid (full-resolution pixels).
+    cr_sigclip, cr_sigfrac, cr_objlim : float
+        L.A.Cosmic's Laplacian-to-noise limit, neighbour fraction and contrast limit against
+        the fine structure. ``objlim`` 15 instead of astroscrappy's 5 keeps undersampled star
+        cores (FWHM 1.6-2.3 px) unflagged.
+    cr_niter : int
+        L.A.Cosmic iterations (1: later ones add nothing on MST frames).
+    cr_sepmed : bool
+        Separable median filters (astroscrappy's fast default).
+    cr_cleantype : str
+        astroscrappy's cleaning between iterations.
+    cr_fsmode : str
+        Fine-structure image: ``"median"`` (L.A.Cosmic) or ``"convolve"`` (matched filter).
+    cr_psffwhm_px : float
+        PSF FWHM for ``cr_fsmode="convolve"``.
+    cr_region : str
+        ``"candidates"``: run astroscrappy on cut-outs around candidate pixels only (same
+        result, cost scales with the number of cosmic rays and sharp stars); ``"full"``: on
+        the whole frame.
+    cr_candidate_slack : (float, float)
+        Factors (< 1) on ``sigclip`` and ``objlim`` of the candidate pre-filter; lower is
+        safer and slower.
+    """
+
+    tracks: bool = True
+    cosmic_rays: bool = True
+    gain_e_per_adu: float = 0.25
+    read_noise_e: float = 1.028
+    track_binning: int = 2
+    track_band_px: float = 10.0
+    track_nsigma: float = 3.0
+    track_detect_nsigma: float = 4.0
+    track_smooth_px: float = 2.0
+    track_min_length_px: float = 60.0
+    track_blob_radius_px: float = 8.0
+    track_min_snr: float = 10.0
+    track_min_coverage: float = 0.6
+    track_min_core_sigma: float = 1.0
+    track_segment_px: float = 64.0
+    track_max_halfwidth_px: float = 20.0
+    track_max_lines: int = 20
+    track_hough_step_deg: float = 0.5
+    track_axis_tolerance_deg: float = 2.0
+    background_box_px: int = 64
+    cr_sigclip: float = 5.0
+    cr_sigfrac: float = 0.3
+    cr_objlim: float = 15.0
+    cr_niter: int = 1
+    cr_sepmed: bool = True
+    cr_cleantype: str = "meanmask"
+    cr_fsmode: str = "median"
+    cr_psffwhm_px: float = 2.5
+    cr_region: str = "candidates"
+    cr_candidate_slack: tuple[float, float] = (0.8, 0.5)
+
+    def __post_init__(self) -> None:
+        _check(self.gain_e_per_adu > 0, f"gain_e_per_adu={self.gain_e_per_adu} must be positive")
+        _check(self.read_noise_e >= 0, f"read_noise_e={self.read_noise_e} must be >= 0")
+        _check(not isinstance(self.track_binning, bool) and int(self.track_binning) == self.track_binning
+               and 1 <= self.track_binning <= 8, f"track_binning={self.track_binning} must be an integer in 1..8")
+        object.__setattr__(self, "track_binning", int(self.track_binning))
+        _check(self.track_band_px > 0, f"track_band_px={self.track_band_px} must be positive")
+        _check(self.track_nsigma > 0 and self.track_detect_nsigma > 0,
+               "track_nsigma and track_detect_nsigma must be > 0")
+        _check(self.track_smooth_px > 0, "track_smooth_px must be positive")
+        _check(self.track_min_length_px >= 4 * self.track_binning,
+               f"track_min_length_px={self.track_min_length_px} must be >= 4 binned pixels")
+        _check(self.track_blob_radius_px >= 2 * self.track_binning, "track_blob_radius_px must be >= 2 binned pixels")
+        _check(self.track_min_snr > 0, "track_min_snr must be positive")
+        _check(0 < self.track_min_coverage <= 1, f"track_min_coverage={self.track_min_coverage} must be in (0, 1]")
+        _check(self.track_min_core_sigma >= 0, "track_min_core_sigma must be >= 0")
+        _check(self.track_segment_px >= 8, "track_segment_px must be >= 8")
+        _check(self.track_max_halfwidth_px >= self.track_band_px / 2,
+               "track_max_halfwidth_px must be >= half of track_band_px")
+        _check(self.track_max_lines >= 1, "track_max_lines must be >= 1")
+        _check(0 < self.track_hough_step_deg <= 5,
+               f"track_hough_step_deg={self.track_hough_step_deg} must be in (0, 5]")
+        _check(0 <= self.track_axis_tolerance_deg < 45, "track_axis_tolerance_deg must be in [0, 45)")
+        _check(self.background_box_px >= 8 * self.track_binning,
+               f"background_box_px={self.background_box_px} must be >= 8 binned pixels")
+        _check(self.cr_sigclip > 0 and self.cr_objlim > 0, "cr_sigclip and cr_objlim must be positive")
+        _check(0 < self.cr_sigfrac <= 1, f"cr_sigfrac={self.cr_sigfrac} must be in (0, 1]")
+        _check(1 <= self.cr_niter <= 10, f"cr_niter={self.cr_niter} must be in 1..10")
+        _check(self.cr_cleantype in ("median", "medmask", "meanmask", "idw"),
+               f"cr_cleantype={self.cr_cleantype!r}; choose median, medmask, meanmask or idw")
+        _check(self.cr_fsmode in ("median", "convolve"),
+               f"cr_fsmode={self.cr_fsmode!r}; choose 'median' or 'convolve'")
+        _check(self.cr_psffwhm_px > 0, "cr_psffwhm_px must be positive")
+        _check(self.cr_region in ("candidates", "full"), f"cr_region={self.cr_region!r}; choose 'candidates' or 'full'")
+        slack = tuple(float(v) for v in self.cr_candidate_slack)
+        _check(len(slack) == 2 and all(0 < v <= 1 for v in slack),
+               f"cr_candidate_slack={self.cr_candidate_slack} must be two factors in (0, 1]")
+        object.__setattr__(self, "cr_candidate_slack", slack)
+
+
+__all__ += ["StirConfig"]

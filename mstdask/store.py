@@ -41,7 +41,7 @@ from .config import SiteConfig, StoreLayout, to_dict
 from .errors import BadInputError, StoreError
 from .io import FrameInfo, read_pixels
 
-__all__ = ["COORDS", "IngestLock", "RawStore", "open_store", "tile_edge", "write_frame"]
+__all__ = ["COORDS", "IngestLock", "RawStore", "ReducedStore", "open_reduced", "open_store", "tile_edge", "write_frame"]
 
 STORE_KIND = "mstdask.raw"
 STORE_VERSION = 1
@@ -443,3 +443,162 @@ def rechunk_for_stack(raw: xr.DataArray, budget_bytes: int, itemsize: int | None
     base = (ny, nx) if raw.chunks is None else (raw.chunks[1][0], raw.chunks[2][0])
     ty, tx = stack_tiles(raw.sizes["frame"], (ny, nx), base, itemsize or raw.dtype.itemsize, budget_bytes)
     return raw.chunk({"frame": -1, "y": ty, "x": tx})
+
+
+# ----------------------------------------------------------------------------- reduced store
+REDUCED_KIND = "mstdask.reduced"
+
+#: Per-frame coordinates a reduced store adds to the raw ones (name -> dtype, fill).
+REDUCED_COORDS: dict[str, tuple[str, object]] = {
+    "raw_index": ("int64", -1),
+    "calib_bias": ("str", ""),
+    "calib_flat": ("str", ""),
+    "calib_ps": ("str", ""),
+    "calib_bad": ("str", ""),
+    "n_tracks": ("int32", -1),
+    "track_pixels": ("int64", -1),
+    "cosmic_ray_pixels": ("int64", -1),
+    "masked_fraction": ("float64", np.nan),
+    "tracks": ("str", ""),
+    "reduced": ("bool", False),
+}
+_REDUCED_COPY = [c for c in COORDS if c != "ingested"]
+
+
+class ReducedStore:
+    """Driver-side handle on a reduced store (``mstdask reduce``).
+
+    Layout (Zarr v3, ``xarray.open_zarr``)::
+
+        REDUCED.zarr/
+          data   (frame, y, x) float32   (raw - master bias) / master flat
+          mask   (frame, y, x) uint8     bits of Table 1 (mstdask.masks.Flag)
+          the raw store's per-frame coordinates (time, night, filter, telescope, path, ...),
+          raw_index, calib_bias/flat/ps/bad (calibration products used), n_tracks,
+          track_pixels, cosmic_ray_pixels, masked_fraction, tracks (JSON list of the
+          track centrelines: angle, dist, x0, y0, x1, y1, ...), reduced (bool: frame done)
+
+    One shard per frame and variable, spatial tiles inside, like the raw store: tasks
+    write their own frame's files, the driver reserves slots and marks them ``reduced``.
+    """
+
+    def __init__(self, path: str | os.PathLike, group: zarr.Group) -> None:
+        self.path = str(path)
+        self.group = group
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, shape: tuple[int, int], tile: tuple[int, int],
+               layout: StoreLayout, attrs: dict) -> "ReducedStore":
+        """Create an empty reduced store for frames of ``shape``, tiled like the raw store."""
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            raise StoreError(f"{path}: exists and is not an mstdask reduced store; choose another --out")
+        ty, tx = tile
+        shard = (1, -(-shape[0] // ty) * ty, -(-shape[1] // tx) * tx)
+        try:
+            group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create the store ({exc}); check the folder is writable") from None
+        group.attrs.update({"mstdask_store": REDUCED_KIND, "mstdask_store_version": STORE_VERSION,
+                            "mstdask_version": __version__,
+                            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            "frame_shape": list(shape), "tile": [ty, tx], **attrs,
+                            "description": "Frames reduced by mstdask reduce (STIR); open with xarray.open_zarr "
+                                           "or mstdask.open_reduced"})
+        names = " ".join(_REDUCED_COPY + list(REDUCED_COORDS))
+        comp = None if layout.compressor == "none" else BloscCodec(
+            cname=layout.compressor, clevel=layout.clevel, shuffle=BloscShuffle.shuffle, typesize=4)
+        group.create_array("data", shape=(0, *shape), dtype="float32", chunks=(1, ty, tx), shards=shard,
+                           compressors=comp, fill_value=np.nan, dimension_names=("frame", "y", "x"),
+                           attributes={"units": "adu", "coordinates": names,
+                                       "long_name": "bias-subtracted, flat-fielded counts"})
+        mcomp = None if layout.compressor == "none" else BloscCodec(
+            cname=layout.compressor, clevel=layout.clevel, shuffle=BloscShuffle.noshuffle, typesize=1)
+        group.create_array("mask", shape=(0, *shape), dtype="uint8", chunks=(1, ty, tx), shards=shard,
+                           compressors=mcomp, fill_value=0, dimension_names=("frame", "y", "x"),
+                           attributes={"coordinates": names, "flag_masks": [1, 2, 4, 8, 16],
+                                       "flag_meanings": "bad_pixel saturated pepper_and_salt "
+                                                        "satellite_track cosmic_ray"})
+        for name, (dtype, fill) in {**{c: COORDS[c] for c in _REDUCED_COPY}, **REDUCED_COORDS}.items():
+            group.create_array(name, shape=(0,), dtype=str if dtype == "str" else dtype, chunks=(_META_CHUNK,),
+                               dimension_names=("frame",), fill_value=None if dtype == "str" else fill,
+                               attributes=dict(_TIME_ATTRS) if name == "time" else {})
+        store = cls(path, group)
+        store.consolidate()
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r+") -> "ReducedStore":
+        """Open an existing reduced store."""
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise StoreError(f"{path}: no Zarr store here; make one with `mstdask reduce STORE --calib CALDIR "
+                             f"--out {path}`")
+        group = _quiet(zarr.open_group, str(path), mode=mode, zarr_format=3, use_consolidated=False)
+        if group.attrs.get("mstdask_store") != REDUCED_KIND:
+            raise StoreError(f"{path}: a Zarr store, but not an mstdask reduced store")
+        return cls(path, group)
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        return tuple(self.group.attrs["frame_shape"])  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return int(self.group["data"].shape[0])
+
+    def coord(self, name: str) -> np.ndarray:
+        """One per-frame coordinate as a NumPy array."""
+        return np.asarray(self.group[name][...])
+
+    def reserve(self, coords: dict[str, np.ndarray]) -> list[int]:
+        """Append slots with the given per-frame coordinates (the raw ones plus ``raw_index``
+        and ``calib_*``); the rest start at their fill values. Returns the new indices."""
+        n_new = len(coords["raw_index"])
+        if n_new == 0:
+            return []
+        n0 = len(self)
+        n1 = n0 + n_new
+        for name in ("data", "mask"):
+            self.group[name].resize((n1, *self.frame_shape))
+        for name, (dtype, fill) in {**{c: COORDS[c] for c in _REDUCED_COPY}, **REDUCED_COORDS}.items():
+            arr = self.group[name]
+            arr.resize((n1,))
+            values = coords.get(name)
+            if values is None:
+                values = np.full(n_new, fill, dtype=object if dtype == "str" else dtype)
+            arr[n0:n1] = np.asarray(values, dtype=object if dtype == "str" else dtype)
+        self.consolidate()
+        return list(range(n0, n1))
+
+    def set_coords(self, index: int | Sequence[int], **values) -> None:
+        """Update per-frame coordinates of existing slots (driver side)."""
+        idx = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        if idx.size == 0:
+            return
+        for name, vals in values.items():
+            arr = self.group[name]
+            cur = np.asarray(arr[...], dtype=object if arr.dtype.kind in "OUT" else arr.dtype)
+            cur[idx] = vals
+            arr[...] = cur
+
+    def consolidate(self) -> None:
+        """Refresh consolidated metadata."""
+        _quiet(zarr.consolidate_metadata, self.path, zarr_format=3)
+
+
+def open_reduced(path: str | os.PathLike, *, include_pending: bool = False,
+                 chunks: dict | str | None = "auto") -> xr.Dataset:
+    """Open a reduced store lazily: ``data``, ``mask`` (frame, y, x) and per-frame coordinates.
+
+    Frames not (yet) reduced are hidden unless ``include_pending``.
+    """
+    store = ReducedStore.open(path, mode="r")
+    ds = _quiet(xr.open_zarr, str(path), chunks={} if chunks == "auto" else chunks, zarr_format=3)
+    names = _REDUCED_COPY + list(REDUCED_COORDS)
+    coords = {name: ("frame", store.coord(name)) for name in names}
+    coords["time"] = ("frame", store.coord("time").astype("datetime64[ns]"))
+    ds = ds.assign_coords(coords)
+    ds.attrs.update(dict(store.group.attrs))
+    if not include_pending:
+        ds = ds.isel(frame=np.flatnonzero(coords["reduced"][1]))
+    return ds

@@ -33,12 +33,16 @@ def test_demo_end_to_end(tmp_path, capsys):
     ds = mstdask.open_store(out / "raw.zarr")
     i = int(np.flatnonzero(ds.imagetyp.values == "science")[0])
     assert np.array_equal(ds.raw[i].values, fits.getdata(str(ds.path.values[i])))
-    # the night calibrations ran as part of the main job
+    # the night calibrations and the per-frame reduction ran as part of the main job
     kinds = sorted(p["kind"] for p in manifest["products"])
     assert kinds == ["bad_pixel_mask", "bad_pixel_mask", "master_bias", "master_bias", "master_flat", "master_flat",
-                     "ps_mask", "raw_store"]
+                     "ps_mask", "raw_store", "reduced_store"]
+    (red,) = [p for p in manifest["products"] if p["kind"] == "reduced_store"]
+    assert red["n_inputs"] == red["frames"] == 4 and red["night"] == ["2023-01-18", "2023-01-19"]
+    rds = xr.open_zarr(out / red["path"])
+    assert rds["data"].dtype == np.float32 and rds["mask"].dtype == np.uint8 and rds.sizes["frame"] == 4
     for p in manifest["products"]:
-        if p["kind"] == "raw_store":
+        if p["kind"] in ("raw_store", "reduced_store"):
             continue
         hdr = fits.getheader(out / p["path"])
         assert hdr["PRODTYPE"] == p["kind"] and hdr["TELESCOP"] == "MST2" and hdr["NIGHT"] == p["night"]
