@@ -37,57 +37,23 @@ Prints a JSON record and Markdown table rows for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
 import platform
 import shutil
-import statistics
 import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from _common import RssSampler
+from _common import cluster, mb, med, sampled
 
 FULL = (6388, 9576)
 GiB = 2**30
 
 
 # ----------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def cluster(workers: int):
-    """A fresh LocalCluster (workers x 1 thread, 4 GiB each) and its client; yields
-    ``(client, worker_pids)``."""
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit="4GiB",
-                      dashboard_address=":0", silence_logs=logging.ERROR) as lc, Client(lc) as client:
-        yield client, list(client.run(os.getpid).values())
-
-
-@contextlib.contextmanager
-def sampled(pids: list[int], driver: bool = False):
-    """Sample the peak RSS of ``pids`` (and of this process when ``driver``) while inside."""
-    sampler = RssSampler(pids + ([os.getpid()] if driver else []))
-    sampler.start()
-    try:
-        yield sampler.peak
-    finally:
-        sampler.stop.set()
-        sampler.join()
-
-
-def mb(x: float) -> int:
-    return int(round(x / 1e6))
-
-
-def med(values: list[float]) -> float:
-    return round(statistics.median(values), 3)
-
-
 def fits_paths(truth, **criteria) -> list[str]:
     return [str(p) for p in truth.paths(**criteria)]
 

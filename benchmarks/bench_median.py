@@ -32,6 +32,7 @@ import time
 from datetime import datetime, timezone
 
 import numpy as np
+from _common import cpu_model
 
 FULL = (6388, 9576)
 
@@ -47,15 +48,6 @@ def simulated_flat(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
     return (np.float32(20000.0) * vignetting * (np.float32(1.0) + np.float32(0.01) * noise)).astype(np.float32)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(fn, repeat: int) -> list[float]:

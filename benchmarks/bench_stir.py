@@ -67,21 +67,12 @@ import time  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 
 import numpy as np  # noqa: E402
-from _common import RssSampler  # noqa: E402
+from _common import RssSampler, cpu_model  # noqa: E402
 
 FULL = (6388, 9576)
 MB = 1e6
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def rss() -> int:

@@ -559,6 +559,10 @@ def reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: s
             todo.append((int(i), known[key][0], cs))
         else:
             new.append((int(i), cs))
+    if todo:  # unfinished slots of an earlier run: record the calibrations used this time
+        red.set_coords([s for _, s, _ in todo], calib_bias=[c.bias for *_, c in todo],
+                       calib_flat=[c.flat for *_, c in todo], calib_ps=[c.ps for *_, c in todo],
+                       calib_bad=[c.bad for *_, c in todo])
     if new:
         idx = np.array([i for i, _ in new])
         fields = {name: coords[name][idx] for name in _REDUCED_COPY}

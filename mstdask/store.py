@@ -101,6 +101,18 @@ def _quiet(func, *args, **kwargs):
         return func(*args, **kwargs)
 
 
+def _open_group(path: str | os.PathLike, mode: str, kind: str, what: str, how: str) -> zarr.Group:
+    """Open an mstdask store's root group, refusing anything else with a helpful message."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise StoreError(f"{path}: no Zarr store here; {how}")
+    group = _quiet(zarr.open_group, str(path), mode=mode, zarr_format=3, use_consolidated=False)
+    if group.attrs.get("mstdask_store") != kind:
+        raise StoreError(f"{path}: a Zarr store, but not an mstdask {what} store (no 'mstdask_store' "
+                         f"attribute '{kind}')")
+    return group
+
+
 class RawStore:
     """Driver-side handle on a raw store: create it, reserve frames, mark them ingested.
 
@@ -157,13 +169,8 @@ class RawStore:
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r+") -> "RawStore":
         """Open an existing store (``mode='r'`` read-only, ``'r+'`` to append)."""
-        path = Path(path)
-        if not (path / "zarr.json").exists():
-            raise StoreError(f"{path}: no Zarr store here; create one with `mstdask ingest FILES --store {path}`")
-        group = _quiet(zarr.open_group, str(path), mode=mode, zarr_format=3, use_consolidated=False)
-        if group.attrs.get("mstdask_store") != STORE_KIND:
-            raise StoreError(f"{path}: a Zarr store, but not an mstdask raw store (no 'mstdask_store' attribute)")
-        return cls(path, group)
+        return cls(path, _open_group(path, mode, STORE_KIND, "raw",
+                                     f"create one with `mstdask ingest FILES --store {path}`"))
 
     # ------------------------------------------------------------------------- properties
     @property
@@ -530,14 +537,8 @@ class ReducedStore:
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r+") -> "ReducedStore":
         """Open an existing reduced store."""
-        path = Path(path)
-        if not (path / "zarr.json").exists():
-            raise StoreError(f"{path}: no Zarr store here; make one with `mstdask reduce STORE --calib CALDIR "
-                             f"--out {path}`")
-        group = _quiet(zarr.open_group, str(path), mode=mode, zarr_format=3, use_consolidated=False)
-        if group.attrs.get("mstdask_store") != REDUCED_KIND:
-            raise StoreError(f"{path}: a Zarr store, but not an mstdask reduced store")
-        return cls(path, group)
+        return cls(path, _open_group(path, mode, REDUCED_KIND, "reduced",
+                                     f"make one with `mstdask reduce STORE --calib CALDIR --out {path}`"))
 
     @property
     def frame_shape(self) -> tuple[int, int]:
