@@ -3,8 +3,10 @@ pixels, master flats (saturated pixels: :func:`mstdask.masks.saturated`) (Xiao e
 
 Every function takes frames from a raw store (``mstdask.open_store``) and returns lazy
 results; nothing here computes. Stack reductions are rechunked explicitly to ``frame=-1``
-with spatial tiles sized by ``CalibConfig.tile_bytes`` (:func:`mstdask.store.rechunk_for_stack`)
-and run the pure NumPy kernels of :mod:`mstdask._calib_kernels` one tile per task.
+with the stored spatial tiles (split only beyond ``CalibConfig.stack_bytes``,
+:func:`mstdask.store.rechunk_for_stack`) and run the pure NumPy kernels of
+:mod:`mstdask._calib_kernels` one tile per task, in row strips of ``CalibConfig.tile_bytes``;
+the PS moments stream over blocks of ``CalibConfig.stream_frames`` frames instead.
 """
 
 from __future__ import annotations
@@ -279,26 +281,22 @@ def nightly_small_scale_flat(flats: xr.DataArray, bias: xr.DataArray, config: Ca
 
     window = config.flat_window_px
     r = window // 2
-    raw = flats.data
-    if min(min(raw.chunks[1]), min(raw.chunks[2])) < r:
-        raw = raw.rechunk({1: -1, 2: -1})  # tiles narrower than the halo: whole frames (small frames only)
-    b = bias.data.astype(np.float32).rechunk((raw.chunks[1], raw.chunks[2]))
-    diff = raw.astype(np.float32) - b[None]
+    b = bias.data.astype(np.float32).rechunk(flats.data.chunks[1:])
+    diff = flats.data.astype(np.float32) - b[None]
 
     def ratio(block):
-        # block: one frame of one tile with an r-pixel halo on each side (from map_overlap)
+        # one frame of one tile with an r-pixel halo on each side; map_overlap trims the halo
         tile = block[0]
-        large = running_median_tile(tile, window)
-        f = tile[r:tile.shape[0] - r, r:tile.shape[1] - r]
+        large = running_median_tile(tile, window, keep_shape=True)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(large > 0, f / large, np.nan).astype(np.float32)[None]
+            return np.where(large > 0, tile / large, np.nan).astype(np.float32)[None]
 
     # the running median needs only a 25-px halo: each (frame, tile) is its own task, no
     # task ever holds a whole frame, and the result equals the whole-frame median exactly
+    # (map_overlap merges tiles narrower than the halo by itself)
     per_frame = da.map_overlap(ratio, diff, depth={0: 0, 1: r, 2: r},
                                boundary={0: "none", 1: dask_boundary(mode), 2: dask_boundary(mode)},
-                               trim=False, chunks=diff.chunks, dtype=np.float32,
-                               meta=np.empty((0, 0, 0), np.float32))
+                               dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
     ssf = xr.DataArray(per_frame, dims=flats.dims, coords=flats.coords)
     out = _stack_reduce(ssf, lambda t: K.clipped_mean(t, config.clip_sigma, config.clip_maxiters), config)
     return xr.DataArray(out, dims=("y", "x"), name="small_scale_flat", attrs={

@@ -10,7 +10,7 @@ import enum
 
 import numpy as np
 
-__all__ = ["Flag", "MASK_DTYPE", "describe_flags", "saturated"]
+__all__ = ["Flag", "MASK_DTYPE", "describe_flags", "flag", "saturated"]
 
 #: dtype of every mask array (five bits in use).
 MASK_DTYPE = np.uint8
@@ -31,9 +31,14 @@ def describe_flags(value: int) -> list[str]:
     return [f.name for f in Flag if value & f]
 
 
-def saturated(raw: np.ndarray, level: float = 50000.0) -> np.ndarray:
-    """``Flag.SATURATED`` where the raw value exceeds ``level``, else 0 (uint8).
+def flag(condition, bit: Flag):
+    """``bit`` where ``condition`` is true (nonzero), else 0, as mask values (uint8).
 
-    Works on NumPy and, element-wise, on Dask arrays alike.
+    Works on NumPy, Dask and xarray arrays alike; OR the results to build a mask.
     """
-    return (raw > level).astype(MASK_DTYPE) * MASK_DTYPE(Flag.SATURATED)
+    return (condition != 0).astype(MASK_DTYPE) * MASK_DTYPE(bit)
+
+
+def saturated(raw: np.ndarray, level: float = 50000.0) -> np.ndarray:
+    """``Flag.SATURATED`` where the raw value exceeds ``level``, else 0 (uint8)."""
+    return flag(raw > level, Flag.SATURATED)

@@ -365,7 +365,7 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
     from . import calib
     from .config import CalibConfig
     from .io import write_product
-    from .masks import MASK_DTYPE, Flag
+    from .masks import Flag, flag
     from .store import open_store
 
     config = config or CalibConfig()
@@ -430,7 +430,7 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
                     summ = calib.ps_summary(ps)
                     ps_np, frac, agree, std = gather([ps["ps"].data, summ["fraction"].data,
                                                       summ["agreement"].data, ps["std"].data])
-                    mask = (ps_np.astype(MASK_DTYPE) * MASK_DTYPE(Flag.PEPPER_SALT))
+                    mask = flag(ps_np, Flag.PEPPER_SALT)
                     save("ps_mask", f"{tel}_{ps_night}", mask, {"std": (("y", "x"), std)}, telescope=tel,
                          night=ps_night, inputs=ps.attrs["inputs"],
                          method=f"std over {ps.attrs['nframes']} bias > {config.ps_threshold_adu} ADU in all "
@@ -452,7 +452,7 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
                                             f"used the one of {bias_night}")
                     res = calib.bad_pixel_map(frames, biases[bias_night], config)
                     bad, centre, sigma = gather([res["bad"].data, res["centre"].data, res["sigma"].data])
-                    mask = bad.astype(MASK_DTYPE) * MASK_DTYPE(Flag.BAD_PIXEL)
+                    mask = flag(bad, Flag.BAD_PIXEL)
                     save("bad_pixel_mask", key, mask, {}, telescope=tel, night=night, inputs=res.attrs["inputs"],
                          method=f"median dark - master bias outside {config.bad_pixel_nsigma} robust sigma",
                          params={"nsigma": config.bad_pixel_nsigma},
@@ -578,8 +578,9 @@ def reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: s
         fpath = None
         if fits_root is not None:
             fpath = str(fits_root / str(coords["night"][i]) / (Path(str(coords["path"][i])).name.split(".")[0] + ".fits"))
-        fut = client.submit(process_frame, str(store_path), i, str(out_path), s, cs, config, gain,
-                            calib_config.saturation_adu, fpath, pure=False, key=f"stir-{s}-{os.getpid()}-{time.time_ns()}")
+        fut = client.submit(process_frame, str(store_path), i, str(coords["path"][i]), str(out_path), s, cs, config,
+                            gain, calib_config.saturation_adu, fpath, pure=False,
+                            key=f"stir-{s}-{os.getpid()}-{time.time_ns()}")
         futures.append(fut)
         meta[fut.key] = (i, s, cs, fpath)
     from distributed import as_completed

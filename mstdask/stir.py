@@ -31,7 +31,7 @@ import xarray as xr
 from . import _stir_kernels as K
 from .config import CalibConfig, StirConfig
 from .errors import BadInputError, InsufficientDataError, StoreError
-from .masks import MASK_DTYPE, Flag
+from .masks import MASK_DTYPE, Flag, flag, saturated
 
 __all__ = [
     "CalibSet",
@@ -146,11 +146,11 @@ def static_mask(raw: xr.DataArray, bad: xr.DataArray | None = None, ps: xr.DataA
 
     ``bad`` and ``ps`` are the calibration masks (their own bit values, or booleans).
     """
-    m = (raw > saturation_adu).astype(MASK_DTYPE) * MASK_DTYPE(Flag.SATURATED)
+    m = saturated(raw, saturation_adu)
     if bad is not None:
-        m = m | ((bad != 0).astype(MASK_DTYPE) * MASK_DTYPE(Flag.BAD_PIXEL))
+        m = m | flag(bad, Flag.BAD_PIXEL)
     if ps is not None:
-        m = m | ((ps != 0).astype(MASK_DTYPE) * MASK_DTYPE(Flag.PEPPER_SALT))
+        m = m | flag(ps, Flag.PEPPER_SALT)
     return m.rename("mask")
 
 
@@ -168,8 +168,7 @@ def track_mask(data: xr.DataArray, mask: xr.DataArray | None = None,
     config = config or StirConfig()
 
     def kernel(img, m):
-        return K.detect_tracks(img, None if m is None else m != 0, config)[0].astype(MASK_DTYPE) \
-            * MASK_DTYPE(Flag.SATELLITE_TRACK)
+        return flag(K.detect_tracks(img, m != 0, config)[0], Flag.SATELLITE_TRACK)
 
     m = xr.zeros_like(data, dtype=MASK_DTYPE) if mask is None else mask
     return xr.apply_ufunc(kernel, _whole_frames(data), _whole_frames(m), input_core_dims=[["y", "x"]] * 2,
@@ -188,8 +187,7 @@ def cosmic_ray_mask(data: xr.DataArray, mask: xr.DataArray | None = None, gain: 
     read_noise_e = config.read_noise_e if read_noise_e is None else read_noise_e
 
     def kernel(img, m):
-        return K.detect_cosmic_rays(img, m != 0, gain, read_noise_e, config).astype(MASK_DTYPE) \
-            * MASK_DTYPE(Flag.COSMIC_RAY)
+        return flag(K.detect_cosmic_rays(img, m != 0, gain, read_noise_e, config), Flag.COSMIC_RAY)
 
     m = xr.zeros_like(data, dtype=MASK_DTYPE) if mask is None else mask
     return xr.apply_ufunc(kernel, _whole_frames(data), _whole_frames(m), input_core_dims=[["y", "x"]] * 2,
@@ -198,10 +196,10 @@ def cosmic_ray_mask(data: xr.DataArray, mask: xr.DataArray | None = None, gain: 
 
 
 # ----------------------------------------------------------------------------- per frame
-def process_frame(raw_store: str, raw_index: int, out_store: str, out_index: int, calib: CalibSet,
+def process_frame(raw_store: str, raw_index: int, path: str, out_store: str, out_index: int, calib: CalibSet,
                   config: StirConfig, gain: float, saturation_adu: float = 50000.0,
                   fits_path: str | None = None) -> dict:
-    """The whole STIR step for one raw frame, inside one task.
+    """The whole STIR step for one raw frame (``path``: its file, for messages), inside one task.
 
     Reads the frame and its calibrations, reduces it, builds the mask (bad, saturated, PS,
     tracks, cosmic rays), writes slot ``out_index`` of the reduced store and, when
@@ -218,29 +216,28 @@ def process_frame(raw_store: str, raw_index: int, out_store: str, out_index: int
     t0 = time.perf_counter()
     rawarr = zarr.open_array(store=raw_store, path="raw", mode="r")
     raw = np.asarray(rawarr[raw_index])
-    path = str(zarr.open_array(store=raw_store, path="path", mode="r")[raw_index])
     bias = _load(calib.caldir, calib.bias)
     flat = _load(calib.caldir, calib.flat)
     if bias.shape != raw.shape or flat.shape != raw.shape:
         raise BadInputError(path, f"frame is {raw.shape} but the calibrations in {calib.caldir} are "
                                   f"{bias.shape}; calibrate the same camera's frames")
     data = K.reduce_frame(raw, bias, flat)
-    mask = (raw > saturation_adu).astype(MASK_DTYPE) * MASK_DTYPE(Flag.SATURATED)
+    mask = saturated(raw, saturation_adu)
     if calib.bad:
-        mask |= (_load(calib.caldir, calib.bad) != 0).astype(MASK_DTYPE) * MASK_DTYPE(Flag.BAD_PIXEL)
+        mask |= flag(_load(calib.caldir, calib.bad), Flag.BAD_PIXEL)
     if calib.ps:
-        mask |= (_load(calib.caldir, calib.ps) != 0).astype(MASK_DTYPE) * MASK_DTYPE(Flag.PEPPER_SALT)
-    mask |= (~np.isfinite(data)).astype(MASK_DTYPE) * MASK_DTYPE(Flag.BAD_PIXEL)  # no flat response there
+        mask |= flag(_load(calib.caldir, calib.ps), Flag.PEPPER_SALT)
+    mask |= flag(~np.isfinite(data), Flag.BAD_PIXEL)  # no flat response there
     # one background grid serves both detectors (0.8 s per full frame)
     bkg = K.estimate_background(data, mask != 0, config) if (config.tracks or config.cosmic_rays) else None
     tracks, lines = np.zeros(raw.shape, bool), []
     if config.tracks:
         tracks, lines = K.detect_tracks(data, mask != 0, config, background=bkg)
-        mask |= tracks.astype(MASK_DTYPE) * MASK_DTYPE(Flag.SATELLITE_TRACK)
+        mask |= flag(tracks, Flag.SATELLITE_TRACK)
     crs = np.zeros(raw.shape, bool)
     if config.cosmic_rays:
         crs = K.detect_cosmic_rays(data, mask != 0, gain, config.read_noise_e, config, background=bkg)
-        mask |= crs.astype(MASK_DTYPE) * MASK_DTYPE(Flag.COSMIC_RAY)
+        mask |= flag(crs, Flag.COSMIC_RAY)
 
     out = zarr.open_group(out_store, mode="r+")
     out["data"][out_index] = data

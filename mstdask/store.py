@@ -113,15 +113,45 @@ def _open_group(path: str | os.PathLike, mode: str, kind: str, what: str, how: s
     return group
 
 
-class RawStore:
-    """Driver-side handle on a raw store: create it, reserve frames, mark them ingested.
+def _create_coords(group: zarr.Group, spec: dict[str, tuple[str, object]]) -> None:
+    """Empty per-frame coordinate arrays (name -> (dtype, fill)), grown by ``reserve``."""
+    for name, (dtype, fill) in spec.items():
+        group.create_array(name, shape=(0,), dtype=str if dtype == "str" else dtype, chunks=(_META_CHUNK,),
+                           dimension_names=("frame",), fill_value=None if dtype == "str" else fill,
+                           attributes=dict(_TIME_ATTRS) if name == "time" else {})
 
-    Use :meth:`create` or :meth:`open`; pixels are written by :func:`write_frame` in tasks.
-    """
+
+class _FrameStore:
+    """What the raw and reduced stores share: a root group, frames along ``frame``."""
+
+    _pixels = "raw"  # the (frame, y, x) array that sets the number of frames
 
     def __init__(self, path: str | os.PathLike, group: zarr.Group) -> None:
         self.path = str(path)
         self.group = group
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """``(ny, nx)`` of every frame in the store."""
+        return tuple(self.group.attrs["frame_shape"])  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return int(self.group[self._pixels].shape[0])
+
+    def coord(self, name: str) -> np.ndarray:
+        """One per-frame coordinate as a NumPy array (read directly, no Dask)."""
+        return np.asarray(self.group[name][...])
+
+    def consolidate(self) -> None:
+        """Refresh consolidated metadata so ``xarray.open_zarr`` opens the store quickly."""
+        _quiet(zarr.consolidate_metadata, self.path, zarr_format=3)
+
+
+class RawStore(_FrameStore):
+    """Driver-side handle on a raw store: create it, reserve frames, mark them ingested.
+
+    Use :meth:`create` or :meth:`open`; pixels are written by :func:`write_frame` in tasks.
+    """
 
     # ----------------------------------------------------------------- creation / opening
     @classmethod
@@ -157,11 +187,7 @@ class RawStore:
         )
         group.create_array("header", shape=(0,), dtype=str, chunks=(4096,), dimension_names=("frame",),
                            attributes={"long_name": "FITS header of the frame", "coordinates": coord_names})
-        for name, (dtype, fill) in COORDS.items():
-            attrs = dict(_TIME_ATTRS) if name == "time" else {}
-            group.create_array(name, shape=(0,), dtype=str if dtype == "str" else dtype,
-                               chunks=(_META_CHUNK,), dimension_names=("frame",), attributes=attrs,
-                               fill_value=None if dtype == "str" else fill)
+        _create_coords(group, COORDS)
         store = cls(path, group)
         store.consolidate()
         return store
@@ -172,23 +198,10 @@ class RawStore:
         return cls(path, _open_group(path, mode, STORE_KIND, "raw",
                                      f"create one with `mstdask ingest FILES --store {path}`"))
 
-    # ------------------------------------------------------------------------- properties
-    @property
-    def frame_shape(self) -> tuple[int, int]:
-        """``(ny, nx)`` of every frame in the store."""
-        return tuple(self.group.attrs["frame_shape"])  # type: ignore[return-value]
-
     @property
     def site(self) -> SiteConfig:
         """The site the store's nights refer to."""
         return SiteConfig(**self.group.attrs["site"])
-
-    def __len__(self) -> int:
-        return int(self.group["raw"].shape[0])
-
-    def coord(self, name: str) -> np.ndarray:
-        """One per-frame coordinate as a NumPy array (read directly, no Dask)."""
-        return np.asarray(self.group[name][...])
 
     def known_keys(self) -> dict[str, tuple[int, bool]]:
         """``frame_key -> (frame index, ingested)`` for every reserved slot."""
@@ -257,10 +270,6 @@ class RawStore:
         for i, p in updates.items():
             paths[i] = p
         arr[...] = paths
-
-    def consolidate(self) -> None:
-        """Refresh consolidated metadata so ``xarray.open_zarr`` opens the store quickly."""
-        _quiet(zarr.consolidate_metadata, self.path, zarr_format=3)
 
     def size_on_disk(self) -> int:
         """Bytes used by the store's files."""
@@ -438,7 +447,7 @@ def stack_tiles(n_frames: int, frame_shape: tuple[int, int], base_tile: tuple[in
     return best
 
 
-def rechunk_for_stack(raw: xr.DataArray, budget_bytes: int, itemsize: int | None = None) -> xr.DataArray:
+def rechunk_for_stack(raw: xr.DataArray, budget_bytes: int) -> xr.DataArray:
     """Rechunk a ``(frame, y, x)`` array to ``frame=-1`` with spatial tiles (explicitly).
 
     This is the access pattern of every stack reduction (master bias, PS map, flats):
@@ -448,7 +457,7 @@ def rechunk_for_stack(raw: xr.DataArray, budget_bytes: int, itemsize: int | None
     ny, nx = raw.sizes["y"], raw.sizes["x"]
     # tiles divide the current chunks: for store data those are the on-disk tiles
     base = (ny, nx) if raw.chunks is None else (raw.chunks[1][0], raw.chunks[2][0])
-    ty, tx = stack_tiles(raw.sizes["frame"], (ny, nx), base, itemsize or raw.dtype.itemsize, budget_bytes)
+    ty, tx = stack_tiles(raw.sizes["frame"], (ny, nx), base, raw.dtype.itemsize, budget_bytes)
     return raw.chunk({"frame": -1, "y": ty, "x": tx})
 
 
@@ -470,9 +479,10 @@ REDUCED_COORDS: dict[str, tuple[str, object]] = {
     "reduced": ("bool", False),
 }
 _REDUCED_COPY = [c for c in COORDS if c != "ingested"]
+_REDUCED_SPEC = {**{c: COORDS[c] for c in _REDUCED_COPY}, **REDUCED_COORDS}
 
 
-class ReducedStore:
+class ReducedStore(_FrameStore):
     """Driver-side handle on a reduced store (``mstdask reduce``).
 
     Layout (Zarr v3, ``xarray.open_zarr``)::
@@ -489,9 +499,7 @@ class ReducedStore:
     write their own frame's files, the driver reserves slots and marks them ``reduced``.
     """
 
-    def __init__(self, path: str | os.PathLike, group: zarr.Group) -> None:
-        self.path = str(path)
-        self.group = group
+    _pixels = "data"
 
     @classmethod
     def create(cls, path: str | os.PathLike, shape: tuple[int, int], tile: tuple[int, int],
@@ -512,7 +520,7 @@ class ReducedStore:
                             "frame_shape": list(shape), "tile": [ty, tx], **attrs,
                             "description": "Frames reduced by mstdask reduce (STIR); open with xarray.open_zarr "
                                            "or mstdask.open_reduced"})
-        names = " ".join(_REDUCED_COPY + list(REDUCED_COORDS))
+        names = " ".join(_REDUCED_SPEC)
         comp = None if layout.compressor == "none" else BloscCodec(
             cname=layout.compressor, clevel=layout.clevel, shuffle=BloscShuffle.shuffle, typesize=4)
         group.create_array("data", shape=(0, *shape), dtype="float32", chunks=(1, ty, tx), shards=shard,
@@ -526,10 +534,7 @@ class ReducedStore:
                            attributes={"coordinates": names, "flag_masks": [1, 2, 4, 8, 16],
                                        "flag_meanings": "bad_pixel saturated pepper_and_salt "
                                                         "satellite_track cosmic_ray"})
-        for name, (dtype, fill) in {**{c: COORDS[c] for c in _REDUCED_COPY}, **REDUCED_COORDS}.items():
-            group.create_array(name, shape=(0,), dtype=str if dtype == "str" else dtype, chunks=(_META_CHUNK,),
-                               dimension_names=("frame",), fill_value=None if dtype == "str" else fill,
-                               attributes=dict(_TIME_ATTRS) if name == "time" else {})
+        _create_coords(group, _REDUCED_SPEC)
         store = cls(path, group)
         store.consolidate()
         return store
@@ -539,17 +544,6 @@ class ReducedStore:
         """Open an existing reduced store."""
         return cls(path, _open_group(path, mode, REDUCED_KIND, "reduced",
                                      f"make one with `mstdask reduce STORE --calib CALDIR --out {path}`"))
-
-    @property
-    def frame_shape(self) -> tuple[int, int]:
-        return tuple(self.group.attrs["frame_shape"])  # type: ignore[return-value]
-
-    def __len__(self) -> int:
-        return int(self.group["data"].shape[0])
-
-    def coord(self, name: str) -> np.ndarray:
-        """One per-frame coordinate as a NumPy array."""
-        return np.asarray(self.group[name][...])
 
     def reserve(self, coords: dict[str, np.ndarray]) -> list[int]:
         """Append slots with the given per-frame coordinates (the raw ones plus ``raw_index``
@@ -561,7 +555,7 @@ class ReducedStore:
         n1 = n0 + n_new
         for name in ("data", "mask"):
             self.group[name].resize((n1, *self.frame_shape))
-        for name, (dtype, fill) in {**{c: COORDS[c] for c in _REDUCED_COPY}, **REDUCED_COORDS}.items():
+        for name, (dtype, fill) in _REDUCED_SPEC.items():
             arr = self.group[name]
             arr.resize((n1,))
             values = coords.get(name)
@@ -582,9 +576,6 @@ class ReducedStore:
             cur[idx] = vals
             arr[...] = cur
 
-    def consolidate(self) -> None:
-        """Refresh consolidated metadata."""
-        _quiet(zarr.consolidate_metadata, self.path, zarr_format=3)
 
 
 def open_reduced(path: str | os.PathLike, *, include_pending: bool = False,
@@ -595,8 +586,7 @@ def open_reduced(path: str | os.PathLike, *, include_pending: bool = False,
     """
     store = ReducedStore.open(path, mode="r")
     ds = _quiet(xr.open_zarr, str(path), chunks={} if chunks == "auto" else chunks, zarr_format=3)
-    names = _REDUCED_COPY + list(REDUCED_COORDS)
-    coords = {name: ("frame", store.coord(name)) for name in names}
+    coords = {name: ("frame", store.coord(name)) for name in _REDUCED_SPEC}
     coords["time"] = ("frame", store.coord("time").astype("datetime64[ns]"))
     ds = ds.assign_coords(coords)
     ds.attrs.update(dict(store.group.attrs))

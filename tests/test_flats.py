@@ -98,7 +98,7 @@ def test_tiled_small_scale_flat_equals_whole_frame_definition():
     from mstdask import _calib_kernels as K
 
     expected = K.clipped_mean(whole, config.clip_sigma, config.clip_maxiters)
-    for chunks in ({"y": 65, "x": 85}, {"y": 65, "x": 34}, {"y": -1, "x": -1}):
+    for chunks in ({"y": 65, "x": 85}, {"y": 65, "x": 34}, {"y": 40, "x": 60}, {"y": -1, "x": -1}):
         stack = stack_frames(flats, "flat").chunk(chunks)
         cfg = CalibConfig(min_frames=3, stack_bytes=2**20 if chunks["x"] == 34 else 768 * 2**20)
         got = calib.nightly_small_scale_flat(stack, b, cfg)
