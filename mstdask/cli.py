@@ -1,7 +1,9 @@
 """The ``mstdask`` command line.
 
 Exit status: 0 everything done; 1 the job finished but some inputs were rejected (see the
-summary); 2 the job could not run (bad option, unreachable scheduler, unusable store).
+summary); 2 the job could not run (bad option, unreachable scheduler, unusable store, an
+output that cannot be written: a read-only folder, a full disk); 130 interrupted. Every
+command that writes is resumable: run it again to finish. ``--dry-run`` prints the plan.
 """
 
 from __future__ import annotations
@@ -14,9 +16,15 @@ from pathlib import Path
 
 from . import __version__
 from .config import ClusterConfig, IngestConfig, SiteConfig, StoreLayout
-from .errors import MstdaskError
+from .errors import BadInputError, MstdaskError
 
 __all__ = ["main", "build_parser"]
+
+
+def _dry_run_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (frames by night, telescope and type, tasks, estimated data read and "
+                        "written, what is already done) and exit: nothing is computed or written, no cluster started")
 
 
 def _cluster_options(p: argparse.ArgumentParser) -> None:
@@ -51,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="FITS files, folders or globs -> a raw Zarr store")
     p.add_argument("inputs", nargs="+", metavar="PATH", help="FITS files (.fits .fit .fz .gz), folders or globs")
     p.add_argument("--store", required=True, metavar="STORE.zarr", help="the store (created if missing)")
+    _dry_run_option(p)
     _ingest_options(p)
     _cluster_options(p)
 
@@ -64,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-combine", choices=("clipped-mean", "median"), default="clipped-mean")
     p.add_argument("--ps-threshold", type=float, default=8.0, help="PS pixel: std over bias frames above this (ADU)")
     p.add_argument("--ps-frames", type=int, default=100, help="bias frames of one night used for the PS map")
+    _dry_run_option(p)
     _cluster_options(p)
 
     p = sub.add_parser("reduce", help="STIR per frame: bias, flat, masks, tracks, cosmic rays -> REDUCED.zarr")
@@ -73,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fits", default=None, metavar="DIR", help="also write DIR/NIGHT/NAME.fits (SCI + MASK)")
     p.add_argument("--no-tracks", action="store_true", help="skip the satellite-track search")
     p.add_argument("--no-cosmics", action="store_true", help="skip the cosmic-ray search")
+    _dry_run_option(p)
+    _cluster_options(p)
+
+    p = sub.add_parser("photometry", help="STATIC per exposure: sources, blind astrometry with distortion, "
+                                          "25-aperture and PSF photometry, zero points -> CATDIR (Parquet)")
+    p.add_argument("reduced", metavar="REDUCED.zarr", help="output of `mstdask reduce`")
+    p.add_argument("--refcat", required=True, metavar="CATALOG",
+                   help="reference catalogue (.csv, .fits or .parquet) for astrometry and zero points")
+    p.add_argument("--refcat-columns", default=None, metavar="KEY=COL,...",
+                   help="column names, e.g. 'ra=raj2000,dec=dej2000,mag={filter}_psf,mag_err=e_{filter}_psf' "
+                        "(default ra, dec, mag_{filter} else mag)")
+    p.add_argument("--out", required=True, metavar="CATDIR")
+    p.add_argument("--pixel-scale", type=float, default=None, metavar="ARCSEC",
+                   help="expected pixel scale for the blind solve (default 0.862, MST; +-10 %% is searched)")
+    p.add_argument("--distortion-order", type=int, default=4, help="polynomial order of the TPV distortion (4)")
     _cluster_options(p)
 
     p = sub.add_parser("characterize", help="detector lab set: bias stability, anomalous pixels, dark current, "
@@ -93,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the main job: ingest, then every pipeline step, into --out")
     p.add_argument("inputs", nargs="+", metavar="RAW")
     p.add_argument("--out", required=True, metavar="DIR")
+    _dry_run_option(p)
     _ingest_options(p)
     _cluster_options(p)
 
@@ -148,6 +174,66 @@ def _print_info(store: str, as_json: bool) -> None:
               f"{e['first_utc']:<20}{e['last_utc']:<20}{','.join(e['telescopes'])}/{','.join(e['filters'])}")
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """Errors a command would meet at its start (no input store, an output folder that cannot
+    be written), found before a cluster is started."""
+    from .runner import check_writable
+    from .store import RawStore
+
+    if args.command == "ingest":
+        if not Path(args.store, "zarr.json").exists():
+            check_writable(Path(args.store).parent, "the store")
+    elif args.command in ("calibrate", "characterize"):
+        RawStore.open(args.store, mode="r")
+        check_writable(args.out, "the output folder")
+    elif args.command == "reduce":
+        RawStore.open(args.store, mode="r")
+        out = Path(args.out)
+        check_writable(out if out.exists() else out.parent, "the reduced store")
+        if args.fits:
+            check_writable(args.fits, "the FITS frames")
+    elif args.command == "photometry":
+        from .store import ReducedStore
+
+        ReducedStore.open(args.reduced, mode="r")
+        if not Path(args.refcat).exists():
+            raise BadInputError(args.refcat, "reference catalogue not found; check --refcat")
+        check_writable(args.out, "the catalogues")
+    elif args.command in ("run", "demo"):
+        check_writable(args.out, "the output folder")
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """Print what the command would do; nothing is computed or written."""
+    from . import runner
+    from .config import CalibConfig
+
+    if args.command == "ingest":
+        plan = runner.plan_ingest(args.inputs, args.store, _ingest_config(args))
+    elif args.command == "calibrate":
+        plan = runner.plan_calibrate(args.store, args.out, _calib_config(args))
+    elif args.command == "reduce":
+        plan = runner.plan_reduce(args.store, args.calib, args.out, _stir_config(args), CalibConfig(),
+                                  fits_dir=args.fits)
+    else:
+        plan = runner.plan_run(args.inputs, args.out, _ingest_config(args))
+    print(plan.text())
+    return 0
+
+
+def _calib_config(args: argparse.Namespace):
+    from .config import CalibConfig
+
+    return CalibConfig(bias_combine=args.bias_combine, ps_threshold_adu=args.ps_threshold,
+                       ps_frames=args.ps_frames, ps_min_frames=min(30, args.ps_frames))
+
+
+def _stir_config(args: argparse.Namespace):
+    from .config import StirConfig
+
+    return StirConfig(tracks=not args.no_tracks, cosmic_rays=not args.no_cosmics)
+
+
 def _run(inputs: list, out, args: argparse.Namespace, config: IngestConfig, argv: list[str]) -> int:
     """The main job (``run`` and ``demo``) on the cluster the options ask for."""
     from .cluster import connect
@@ -183,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                         "node_key")), end="")
             return 0
 
+        if getattr(args, "dry_run", False):
+            return _dry_run(args)
+        _preflight(args)
+
         from .cluster import connect
         from .runner import ingest
 
@@ -193,11 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if report.ok else 1
 
         if args.command == "calibrate":
-            from .config import CalibConfig
             from .runner import calibrate
 
-            cfg = CalibConfig(bias_combine=args.bias_combine, ps_threshold_adu=args.ps_threshold,
-                              ps_frames=args.ps_frames, ps_min_frames=min(30, args.ps_frames))
+            cfg = _calib_config(args)
             with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
                 creport = calibrate(args.store, args.out, client, cfg, progress=not args.quiet,
                                     argv=["mstdask", *argv])
@@ -205,15 +293,28 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if creport.ok else 1
 
         if args.command == "reduce":
-            from .config import StirConfig
             from .runner import reduce
 
-            scfg = StirConfig(tracks=not args.no_tracks, cosmic_rays=not args.no_cosmics)
+            scfg = _stir_config(args)
             with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
                 rreport = reduce(args.store, args.calib, args.out, client, scfg, fits_dir=args.fits,
                                  progress=not args.quiet, argv=["mstdask", *argv])
             print(rreport.summary())
             return 0 if rreport.ok else 1
+
+        if args.command == "photometry":
+            from .config import AstrometryConfig
+            from .refcat import parse_columns
+            from .runner import photometry
+
+            acfg = AstrometryConfig(distortion_order=args.distortion_order,
+                                    **({"pixel_scale_arcsec": args.pixel_scale} if args.pixel_scale else {}))
+            rcfg = parse_columns(args.refcat_columns)
+            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
+                preport = photometry(args.reduced, args.refcat, args.out, client, astro_config=acfg,
+                                     refcat_config=rcfg, progress=not args.quiet, argv=["mstdask", *argv])
+            print(preport.summary())
+            return 0 if preport.ok else 1
 
         if args.command == "characterize":
             from .config import DetectorConfig
@@ -246,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
             return _run([raw_dir], out, args, IngestConfig(), argv)
     except MstdaskError as exc:
         print(f"mstdask {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file-system error no step turned into a clearer message
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mstdask {args.command}: error: {where}{exc.strerror or exc}; check the path and the disk, then run "
+              "the same command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mstdask {args.command}: interrupted; run the same command again to finish", file=sys.stderr)

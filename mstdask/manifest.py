@@ -10,6 +10,7 @@ atomically, so a crash never leaves half a manifest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -57,6 +58,22 @@ class Manifest:
         self.data["products"] = [p for p in self.products if p["path"] != rel] + [entry]
         return entry
 
+    def _rel(self, path: str | os.PathLike) -> str:
+        return os.path.relpath(Path(self.folder, path).resolve(), self.folder.resolve())
+
+    def get(self, path: str | os.PathLike) -> dict[str, Any] | None:
+        """The entry of the product at ``path`` (relative to the folder, or absolute), or None."""
+        rel = self._rel(path)
+        return next((p for p in self.products if p["path"] == rel), None)
+
+    def remove(self, path: str | os.PathLike) -> bool:
+        """Drop the entry of the product at ``path``; True when there was one. A product about
+        to be rewritten is unlisted first, so the manifest never lists a half-written file."""
+        rel = self._rel(path)
+        n = len(self.products)
+        self.data["products"] = [p for p in self.products if p["path"] != rel]
+        return len(self.products) < n
+
     def record_run(self, argv: list[str] | None = None, **info: Any) -> None:
         """Remember which command wrote into this folder, and when."""
         self.data.setdefault("runs", []).append({
@@ -68,8 +85,13 @@ class Manifest:
         """Atomically write ``manifest.json``."""
         self.folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=self.folder)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.data, fh, indent=2, default=str)
-            fh.write("\n")
-        os.replace(tmp, self.path)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.data, fh, indent=2, default=str)
+                fh.write("\n")
+            os.replace(tmp, self.path)
+        except BaseException:  # a full disk: the old manifest stays, no half-written copy is left
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return self.path

@@ -7,9 +7,14 @@ the end of the run, and records what was done.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -25,7 +30,15 @@ from .io import FrameInfo, discover, scan_frame
 from .manifest import Manifest
 from .store import IngestLock, RawStore, describe, write_frame
 
-__all__ = ["CalibReport", "IngestReport", "ReduceReport", "calibrate", "ingest", "reduce", "run_pipeline"]
+__all__ = ["CalibReport", "IngestReport", "Plan", "ReduceReport", "calibrate", "check_writable", "ingest",
+           "plan_calibrate", "plan_ingest", "plan_reduce", "plan_run", "reduce", "run_pipeline"]
+
+#: Seconds between the driver's records of finished frames (``reduced``) in ``reduce``: a
+#: killed run loses at most this much finished work, which the next run redoes.
+MARK_EVERY_S = 2.0
+#: Times a task that raised is tried again (a worker that dies is not a failure: Dask
+#: reschedules its tasks by itself, up to ``distributed.scheduler.allowed-failures``).
+TASK_RETRIES = 2
 
 
 @dataclass
@@ -87,9 +100,109 @@ def _write_task(store_path: str, index: int, info: FrameInfo):
         return exc
 
 
-def _bar(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="frame", disable=None if enabled else True,
+def _bar(total: int, desc: str, enabled: bool, unit: str = "frame"):
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True,
                 file=sys.stderr, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- write errors
+# File-system errors that mean "the output cannot be written", with the fix to suggest.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+_FS_ERRNOS = _FULL | _READ_ONLY | {errno.ENOTDIR, errno.EISDIR, errno.EIO, errno.ENOENT, errno.EEXIST}
+
+
+def _is_fs_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _FS_ERRNOS
+
+
+def _under(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    try:
+        Path(os.path.abspath(path)).relative_to(os.path.abspath(folder))
+    except ValueError:
+        return False
+    return True
+
+
+def _stops_the_run(exc: BaseException, outputs: list) -> bool:
+    """Whether a task's error is the output failing (full disk, read-only folder): then every
+    other task would fail the same way, so the run stops instead of listing each frame."""
+    if not _is_fs_error(exc):
+        return False
+    if exc.errno in _FULL or exc.errno == errno.EROFS:
+        return True
+    return exc.filename is None or any(_under(exc.filename, o) for o in outputs if o is not None)
+
+
+def _write_error(exc: OSError, where: str | os.PathLike, what: str, then: str = "",
+                 shown: str | os.PathLike | None = None) -> StoreError:
+    """A :class:`StoreError` for an output that cannot be written: the path (``shown``, else the
+    file the error names, else ``where``), the problem, and the fix (``where`` is the folder to
+    free or make writable)."""
+    path = shown or exc.filename or where
+    problem = exc.strerror or str(exc)
+    if exc.errno in _FULL:
+        how = "free space on that disk (or choose an output on another disk)"
+    elif exc.errno in _READ_ONLY:
+        how = f"make {where} writable (or choose another output path)"
+    elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        how = "a file is in the way: choose an output path that is a folder"
+    else:
+        how = "check the disk and the path"
+    return StoreError(f"{path}: cannot write {what} ({problem}); {how}{then}")
+
+
+@contextlib.contextmanager
+def _writing(where: str | os.PathLike, what: str, then: str = ""):
+    """Turn file-system errors while writing ``what`` into one clear :class:`StoreError`."""
+    try:
+        yield
+    except OSError as exc:
+        if not _is_fs_error(exc):
+            raise
+        raise _write_error(exc, where, what, then) from None
+
+
+def check_writable(folder: str | os.PathLike, what: str = "the output") -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it.
+
+    Commands call this before any computation, so that a read-only or misplaced output
+    folder is one clear error at the start, not a failure after an hour of work.
+
+    Raises
+    ------
+    StoreError
+        The folder cannot be created or written (names the path, the problem, the fix).
+    """
+    folder = Path(folder)
+    existing = folder  # the folder to make writable, when the error is that it is not
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mstdask-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if not _is_fs_error(exc):
+            raise
+        raise _write_error(exc, existing, what, shown=folder) from None
+    return folder
+
+
+def _unlink(*paths: str | os.PathLike) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
+
+
+def _clear_temporaries(folder: Path, patterns: tuple[str, ...] = (".*.tmp", ".manifest.*")) -> None:
+    """Remove temporary files a killed run left in ``folder`` (FITS and manifest written
+    under a temporary name and renamed; never looked at by readers)."""
+    for pattern in patterns:
+        for p in folder.glob(pattern):
+            if p.is_file():
+                _unlink(p)
 
 
 def ingest(inputs: Iterable[str | os.PathLike], store_path: str | os.PathLike, client,
@@ -129,7 +242,8 @@ def ingest(inputs: Iterable[str | os.PathLike], store_path: str | os.PathLike, c
     # 1. Headers, in parallel: cheap, and every header problem is known before any write.
     infos: list[FrameInfo] = []
     if files:
-        futures = client.map(_scan_task, files, site=config.site, force=config.force_imagetyp, pure=False)
+        futures = client.map(_scan_task, files, site=config.site, force=config.force_imagetyp, pure=False,
+                             retries=TASK_RETRIES)
         with _bar(len(files), "scan headers", progress) as bar:
             for fut in as_completed(futures):
                 res = fut.result()
@@ -158,11 +272,17 @@ def ingest(inputs: Iterable[str | os.PathLike], store_path: str | os.PathLike, c
 
     # 2. Open or create the store; the frame shape comes from the store, or from the
     # most common shape of a first ingest. One ingest at a time writes a store.
-    if not Path(store_path, "zarr.json").exists():
-        shape = Counter(i.shape for i in unique).most_common(1)[0][0]
-        RawStore.create(store_path, shape, config.layout, config.site)
-    with IngestLock(store_path):
-        _write_frames(RawStore.open(store_path, mode="r+"), unique, client, config, progress, report)
+    exists = Path(store_path, "zarr.json").exists()
+    if exists:
+        RawStore.open(store_path, mode="r")  # not an mstdask store: that error first
+    check_writable(store_path if exists else Path(store_path).parent, "the store")
+    with _writing(store_path, "the store", "; frames already written are kept: run the same command again "
+                                           "to finish"):
+        if not exists:
+            shape = Counter(i.shape for i in unique).most_common(1)[0][0]
+            RawStore.create(store_path, shape, config.layout, config.site)
+        with IngestLock(store_path):
+            _write_frames(RawStore.open(store_path, mode="r+"), unique, client, config, progress, report)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -191,16 +311,27 @@ def _write_frames(store: RawStore, unique: list[FrameInfo], client, config: Inge
     jobs += [(idx, info, False) for idx, info in zip(store.reserve(new), new)]
     if not jobs:
         return
+    store.clear_partial([idx for idx, _, _ in jobs])  # left by workers killed while writing
 
     # 4. Pixels, one frame per task; the driver records finished frames every few seconds.
-    futures = [client.submit(_write_task, store_path, idx, info, pure=False) for idx, info, _ in jobs]
+    # A task is idempotent (it writes its own frame's shard, the same bytes every time), so
+    # Dask may run it again when a worker dies, and a killed ingest is finished by the next.
+    futures = [client.submit(_write_task, store_path, idx, info, pure=False, retries=TASK_RETRIES)
+               for idx, info, _ in jobs]
     resumed_by_index = {idx: was_pending for idx, _, was_pending in jobs}
+    path_of = {fut.key: info.path for fut, (_, info, _) in zip(futures, jobs)}
     done: list[int] = []
     last_mark = time.monotonic()
+    completed = False
     try:
         with _bar(len(futures), "ingest frames", progress) as bar:
             for fut in as_completed(futures):
-                res = fut.result()
+                try:
+                    res = fut.result()
+                except OSError as exc:
+                    if _stops_the_run(exc, [store_path]):
+                        raise  # a full disk or a read-only store: every frame would fail
+                    res = BadInputError(path_of[fut.key], f"cannot be ingested ({exc})")
                 if isinstance(res, BadInputError):
                     report.rejected.append((res.path or "?", res.problem))
                 elif isinstance(res, MstdaskError):
@@ -216,66 +347,18 @@ def _write_frames(store: RawStore, unique: list[FrameInfo], client, config: Inge
                     store.mark_ingested(done)
                     done.clear()
                     last_mark = time.monotonic()
+        completed = True
     finally:
-        # Also on Ctrl-C: what is written is recorded, the rest is finished next time.
-        store.mark_ingested(done)
-        store.consolidate()
+        # Also on Ctrl-C or a full disk: what is written is recorded, the rest is finished
+        # next time (when recording fails too, those frames are simply written again).
         client.cancel(futures)
-
-
-def _flats(tds, tel: str, biases: dict, config, gather, save, report: "CalibReport", zpath: Path) -> None:
-    """Master flats of one telescope: nightly small-scale flats, then the 11-night stacks."""
-    import numpy as np
-    import xarray as xr
-
-    from . import calib
-
-    is_flat = tds.imagetyp == "flat"
-    for filt in sorted(set(map(str, tds["filter"].values[is_flat.values]))):
-        nightly: dict[str, list[str]] = {}
-        for night in sorted(set(map(str, tds.night.values[(is_flat & (tds["filter"] == filt)).values]))):
-            key = f"{tel}_{filt}_{night}"
-            flats = tds.raw.sel(frame=(is_flat & (tds["filter"] == filt) & (tds.night == night)).values)
-            try:
-                bias_night = calib.nearest_night(night, sorted(biases))
-                bias = biases[bias_night]
-                if bias_night != night:
-                    report.notes.append(f"flats {key}: no master bias that night, used the one of {bias_night}")
-                levels = gather(calib.flat_levels(flats, bias).data)
-                ok = (levels >= config.flat_min_adu) & (levels <= config.flat_max_adu)
-                for path, level in zip(flats["path"].values[~ok], levels[~ok]):
-                    report.notes.append(f"flat {path} left out: level {level:.0f} ADU outside "
-                                        f"{config.flat_min_adu:.0f}-{config.flat_max_adu:.0f} ADU")
-                ssf = calib.nightly_small_scale_flat(flats.isel(frame=np.flatnonzero(ok)), bias, config)
-                data = gather(ssf.data)
-            except MstdaskError as exc:
-                report.skipped.append((f"small_scale_flat {key}", str(exc)))
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                xr.Dataset({"small_scale_flat": (("y", "x"), data)},
-                           attrs={"telescope": tel, "filter": filt, "night": night, "bias_night": bias_night,
-                                  "inputs": ssf.attrs["inputs"]}).to_zarr(
-                    zpath, group=f"small_scale_flat/{key}", mode="w", zarr_format=3, consolidated=True)
-            nightly[night] = ssf.attrs["inputs"]
-        # master flat of every night with flats or science frames of this filter
-        targets = sorted(set(map(str, tds.night.values[((tds.imagetyp == "science") | is_flat).values
-                                                      & (tds["filter"] == filt).values])))
-        for night in targets:
-            key = f"{tel}_{filt}_{night}"
-            use = calib.flat_window_nights(night, sorted(nightly), config)
-            if not use:
-                report.skipped.append((f"master_flat {key}", f"no nightly flat within {config.flat_max_days:.0f} days"))
-                continue
-            parts = [xr.open_zarr(zpath, group=f"small_scale_flat/{tel}_{filt}_{n}")["small_scale_flat"] for n in use]
-            data = gather(calib.stack_nightly_flats(parts).data)
-            inputs = [p for n in use for p in nightly[n]]
-            save("master_flat", key, data, {}, telescope=tel, filter=filt, night=night, inputs=inputs,
-                 method=f"mean of {len(use)} nightly small-scale flats ({config.flat_window_px}-px median)",
-                 params={"window_px": config.flat_window_px, "half_window_nights": config.flat_half_window_nights},
-                 extra_hdr={"NNIGHTS": (len(use), "nights stacked"),
-                            **{f"FLATN{i:03d}": n for i, n in enumerate(use, start=1)}},
-                 entry_extra={"nights": use})
+        try:
+            store.mark_ingested(done)
+            store.consolidate()
+        except OSError:
+            if completed:
+                raise
+        store.clear_partial([idx for idx, _, _ in jobs])
 
 
 def run_pipeline(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, client,
@@ -284,18 +367,15 @@ def run_pipeline(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.Path
     """The main job: ingest raw frames into ``OUT/raw.zarr``, calibrate into ``OUT``, reduce
     the science frames into ``OUT/reduced.zarr``, then every later pipeline step.
 
-    Writes ``OUT/manifest.json`` listing every product.
+    Writes ``OUT/manifest.json`` listing every product. Every step is resumable: a run that
+    was killed is finished by running it again, which does only the missing work.
 
     Returns
     -------
     (IngestReport, Manifest)
     """
     config = config or IngestConfig()
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"{out}: cannot create the output folder ({exc.strerror})") from None
+    out = check_writable(Path(out_dir), "the output folder")
     store_path = out / "raw.zarr"
     report = ingest(raw_inputs, store_path, client, config, progress=progress)
     manifest = Manifest(out)
@@ -312,7 +392,8 @@ def run_pipeline(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.Path
         )
     manifest.data["rejected"] = [{"path": p, "reason": r} for p, r in report.rejected]
     manifest.record_run(argv, frames_written=len(report.written), rejected=len(report.rejected))
-    manifest.write()
+    with _writing(out, "the manifest"):
+        manifest.write()
     if info is not None and info["frames"]:
         calib_report = calibrate(store_path, out, client, progress=progress, argv=argv)
         print(calib_report.summary(), file=sys.stderr)
@@ -323,12 +404,15 @@ def run_pipeline(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.Path
     return report, manifest
 
 
+# ----------------------------------------------------------------------------- calibrate
 @dataclass
 class CalibReport:
-    """What ``calibrate`` made, and what it could not make (with the reason)."""
+    """What ``calibrate`` made, what an earlier run had already made, and what it could not
+    make (with the reason)."""
 
     out_dir: str
     products: list[dict] = field(default_factory=list)
+    already: list[dict] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -341,11 +425,106 @@ class CalibReport:
     def summary(self) -> str:
         """Human-readable summary."""
         kinds = Counter(p["kind"] for p in self.products)
-        lines = [f"calibrate {self.out_dir}: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-                 + f" in {self.seconds:.1f} s"]
+        lines = [f"calibrate {self.out_dir}: " + (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing")
+                 + f" made, {len(self.already)} already done in {self.seconds:.1f} s"]
         lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  SKIPPED {what}: {why}" for what, why in self.skipped]
         return "\n".join(lines)
+
+
+@dataclass
+class _CalStep:
+    """One calibration product (or nightly small-scale flat) to make, and the frames it reads."""
+
+    kind: str  # master_bias | ps_mask | bad_pixel_mask | small_scale_flat | master_flat
+    telescope: str
+    night: str
+    filter: str = ""
+    frames: tuple = ()  # indices into the frame table
+    window: tuple = ()  # master_flat: the nights whose small-scale flats it stacks (as planned)
+
+    @property
+    def key(self) -> str:
+        if self.kind in ("small_scale_flat", "master_flat"):
+            return f"{self.telescope}_{self.filter}_{self.night}"
+        return f"{self.telescope}_{self.night}"
+
+
+def _strs(values):
+    """Any 1-D array of strings (object, ``<U``, NumPy's StringDType from Zarr) as ``<U``."""
+    import numpy as np
+
+    return np.array([str(v) for v in values], dtype=str)
+
+
+def _calib_steps(cols: dict, config) -> list[_CalStep]:
+    """Every step of ``calibrate`` in order, from the per-frame table of a store (``telescope``,
+    ``imagetyp``, ``night``, ``filter``, ``time``): per telescope the master bias of each night,
+    the PS mask of the night with the longest bias sequence, the bad-pixel mask of each night
+    with darks, then per filter the nightly small-scale flats and the master flats."""
+    import numpy as np
+
+    from . import calib
+
+    tel_all, typ, night, filt = (_strs(cols[k]) for k in ("telescope", "imagetyp", "night", "filter"))
+    times = np.asarray(cols["time"])
+
+    def by_time(idx):
+        return idx[np.argsort(times[idx], kind="stable")]
+
+    steps: list[_CalStep] = []
+    for tel in sorted(set(tel_all)):
+        t = tel_all == tel
+        bias = t & (typ == "bias")
+        bias_nights = sorted(set(night[bias]))
+        for n in bias_nights:
+            idx = by_time(np.flatnonzero(bias & (night == n)))[: config.bias_max_frames]
+            steps.append(_CalStep("master_bias", tel, n, frames=tuple(int(i) for i in idx)))
+        if bias_nights:
+            counts = {n: int((bias & (night == n)).sum()) for n in bias_nights}
+            ps_night = max(bias_nights, key=lambda n: (counts[n], n))
+            idx = by_time(np.flatnonzero(bias & (night == ps_night)))[: config.ps_frames]
+            steps.append(_CalStep("ps_mask", tel, ps_night, frames=tuple(int(i) for i in idx)))
+        dark = t & (typ == "dark")
+        for n in sorted(set(night[dark])):
+            steps.append(_CalStep("bad_pixel_mask", tel, n,
+                                  frames=tuple(int(i) for i in np.flatnonzero(dark & (night == n)))))
+        flat = t & (typ == "flat")
+        for f in sorted(set(filt[flat])):
+            ff = flat & (filt == f)
+            flat_nights = sorted(set(night[ff]))
+            for n in flat_nights:
+                steps.append(_CalStep("small_scale_flat", tel, n, f,
+                                      frames=tuple(int(i) for i in np.flatnonzero(ff & (night == n)))))
+            # a master flat for every night with flats or science frames of this filter
+            for n in sorted(set(night[t & ((typ == "science") | (typ == "flat")) & (filt == f)])):
+                steps.append(_CalStep("master_flat", tel, n, f,
+                                      window=tuple(calib.flat_window_nights(n, flat_nights, config))))
+    return steps
+
+
+def _signature(kind: str, key: str, frame_keys, cfg: dict, deps=()) -> str:
+    """What a product is made of: its frames (exposure identities), the configuration, the
+    products it uses and the software version. A product already listed in the manifest with
+    the same signature is not made again."""
+    from . import __version__
+
+    # memory budgets only change how the work is split, not the result
+    cfg = {k: v for k, v in cfg.items() if k not in ("tile_bytes", "stack_bytes")}
+    blob = json.dumps([kind, key, [str(k) for k in frame_keys], cfg, list(deps), __version__],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _done_product(manifest: Manifest, out: Path, kind: str, key: str, signature: str) -> dict | None:
+    """The manifest entry of a complete product with this signature (FITS and Zarr group there)."""
+    if kind == "small_scale_flat":
+        rec = manifest.data.get("intermediates", {}).get(f"{kind}/{key}")
+        ok = rec is not None and rec.get("signature") == signature
+    else:
+        rec = manifest.get(f"{kind}_{key}.fits")
+        ok = rec is not None and rec.get("signature") == signature and (out / rec["path"]).is_file()
+    return rec if ok and (out / "calib.zarr" / kind / key / "zarr.json").is_file() else None
 
 
 def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client, config=None,
@@ -356,8 +535,20 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
     ``out_dir/calib.zarr`` (one group per product, ``xarray.open_zarr(..., group=KIND/KEY)``)
     and entries in ``out_dir/manifest.json`` (kinds ``master_bias``, ``master_flat``,
     ``ps_mask``, ``bad_pixel_mask``). Nightly small-scale flats are kept in
-    ``calib.zarr/small_scale_flat/TEL_FILTER_NIGHT`` for the 11-night stacks and Fig. 4. A product that cannot be made (too few frames...) is reported and
-    skipped; the others are still made.
+    ``calib.zarr/small_scale_flat/TEL_FILTER_NIGHT`` for the 11-night stacks and Fig. 4. A
+    product that cannot be made (too few frames...) is reported and skipped; the others are
+    still made.
+
+    Resumable: each product is written (Zarr group, then FITS under a temporary name, renamed)
+    before it is listed in the manifest, and the manifest is rewritten atomically after each
+    one, so the manifest lists only complete products. A rerun skips every product listed
+    with the same signature (same frames, configuration, inputs and software version).
+
+    Raises
+    ------
+    StoreError
+        The store is missing, or the output cannot be written (read-only folder, full disk):
+        the product being written is removed, the ones before it are kept.
     """
     import numpy as np
     import xarray as xr
@@ -370,105 +561,230 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
 
     config = config or CalibConfig()
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ds = open_store(store_path)  # a missing store is an error before anything is written
+    out = check_writable(out_dir, "the calibrations")
+    _clear_temporaries(out)  # FITS and manifest temporaries of a killed run
     report = CalibReport(out_dir=str(out.resolve()))
     manifest = Manifest(out)
-    ds = open_store(store_path)
+    intermediates = manifest.data.setdefault("intermediates", {})
     zpath = out / "calib.zarr"
     cfg = to_dict(config)
+    steps = _calib_steps({k: ds[k].values for k in ("telescope", "imagetyp", "night", "filter", "time")}, config)
+    frame_keys = _strs(ds["frame_key"].values)
 
     def gather(obj):
         if isinstance(obj, list):
-            return client.gather(client.compute(obj))
-        return client.compute(obj).result()
+            return client.gather(client.compute(obj, retries=TASK_RETRIES))
+        return client.compute(obj, retries=TASK_RETRIES).result()
 
-    def save(kind: str, key: str, data: np.ndarray, ds_extra: dict, *, telescope: str, night: str,
-             inputs: list[str], method: str, params: dict, filter: str = "", extra_hdr: dict | None = None,
-             entry_extra: dict | None = None) -> None:
-        path = out / f"{kind}_{key}.fits"
-        write_product(path, data, kind=kind, telescope=telescope, filter=filter, night=night, inputs=inputs,
-                      method=method, params=params, extra=extra_hdr)
-        zds = xr.Dataset({kind: (("y", "x"), data), **ds_extra},
-                         attrs={"telescope": telescope, "night": night, "filter": filter, "method": method})
+    def commit(kind: str, key: str, write, record) -> None:
+        """Write one product, then list it: the manifest only ever lists complete products."""
+        group = f"{kind}/{key}"
+        fpath = None if kind == "small_scale_flat" else out / f"{kind}_{key}.fits"
+        try:
+            # being made again (other frames or configuration): unlisted before it is overwritten
+            if intermediates.pop(group, None) is not None or (fpath is not None and manifest.remove(fpath.name)):
+                manifest.write()
+            write()
+            record()
+            manifest.write()
+        except OSError as exc:
+            shutil.rmtree(zpath / kind / key, ignore_errors=True)
+            if fpath is not None:
+                _unlink(fpath.with_name(f".{fpath.name}.tmp"), fpath)  # io.write_product's temporary
+                manifest.remove(fpath.name)
+            intermediates.pop(group, None)
+            if not _is_fs_error(exc):
+                raise
+            made = len(report.products) + len(report.already)
+            raise _write_error(exc, out, f"{kind} {key}", f"; the {made} products made before are kept: run "
+                                                          "the same command again to make the rest",
+                               shown=fpath or zpath / kind / key) from None
+
+    def write_zarr(group: str, zds) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # zarr v3 notes on string attributes
-            zds.to_zarr(zpath, group=f"{kind}/{key}", mode="w", zarr_format=3, consolidated=True)
-        entry = manifest.add(kind, path, telescope=telescope, filter=filter, night=night, inputs=inputs,
-                             config=cfg, zarr_group=f"calib.zarr/{kind}/{key}", **(entry_extra or {}))
-        report.products.append(entry)
+            zds.to_zarr(zpath, group=group, mode="w", zarr_format=3, consolidated=True)
 
-    telescopes = sorted(set(map(str, ds.telescope.values)))
-    with _bar(len(telescopes), "calibrate telescopes", progress) as bar:
-        for tel in telescopes:
-            tds = ds.sel(frame=ds.telescope == tel)
-            is_bias = tds.imagetyp == "bias"
-            bias_nights = sorted(set(map(str, tds.night.values[is_bias.values])))
-            biases: dict[str, xr.DataArray] = {}
-            for night in bias_nights:
-                frames = tds.raw.sel(frame=(is_bias & (tds.night == night)).values)
-                frames = frames.isel(frame=np.argsort(frames["time"].values, kind="stable")[: config.bias_max_frames])
-                key = f"{tel}_{night}"
-                try:
-                    mb = calib.master_bias(frames, config)
-                except MstdaskError as exc:
-                    report.skipped.append((f"master_bias {key}", str(exc)))
-                    continue
-                data = gather(mb.data)
-                save("master_bias", key, data, {}, telescope=tel, night=night, inputs=mb.attrs["inputs"],
-                     method=f"{config.bias_combine} of bias frames", params={"clip_sigma": config.clip_sigma},
-                     extra_hdr={"BUNIT": "adu"})
+    def save(kind: str, key: str, data: np.ndarray, ds_extra: dict, *, telescope: str, night: str,
+             inputs: list[str], method: str, params: dict, signature: str, filter: str = "",
+             extra_hdr: dict | None = None, entry_extra: dict | None = None) -> None:
+        path = out / f"{kind}_{key}.fits"
+
+        def write() -> None:
+            write_zarr(f"{kind}/{key}", xr.Dataset({kind: (("y", "x"), data), **ds_extra},
+                                                   attrs={"telescope": telescope, "night": night, "filter": filter,
+                                                          "method": method}))
+            write_product(path, data, kind=kind, telescope=telescope, filter=filter, night=night, inputs=inputs,
+                          method=method, params=params, extra=extra_hdr)
+
+        def record() -> None:
+            report.products.append(manifest.add(
+                kind, path, telescope=telescope, filter=filter, night=night, inputs=inputs, config=cfg,
+                zarr_group=f"calib.zarr/{kind}/{key}", signature=signature, **(entry_extra or {})))
+
+        commit(kind, key, write, record)
+
+    def bias_for(tel: str, night: str, what: str, notes: list[str]) -> tuple[str, object, str]:
+        available = sorted(n for t, n in biases if t == tel)
+        bias_night = calib.nearest_night(night, available)
+        if bias_night != night:
+            notes.append(f"{what}: no master bias that night, used the one of {bias_night}")
+        data, sig = biases[(tel, bias_night)]
+        return bias_night, data, sig
+
+    biases: dict[tuple[str, str], tuple[xr.DataArray, str]] = {}
+    nightly: dict[tuple[str, str], dict[str, tuple[list[str], str]]] = {}
+    with _bar(len(steps), "calibrate", progress, unit="step") as bar:
+        for step in steps:
+            tel, night, filt, key = step.telescope, step.night, step.filter, step.key
+            bar.set_postfix_str(f"{step.kind} {key}", refresh=False)
+            frames = ds.raw.isel(frame=list(step.frames))
+            keys = frame_keys[list(step.frames)]
+            if step.kind == "master_bias":
+                sig = _signature(step.kind, key, keys, cfg)
+                if (done := _done_product(manifest, out, step.kind, key, sig)) is not None:
+                    report.already.append(done)
+                else:
+                    try:
+                        mb = calib.master_bias(frames, config)
+                    except MstdaskError as exc:
+                        report.skipped.append((f"master_bias {key}", str(exc)))
+                        bar.update()
+                        continue
+                    save("master_bias", key, gather(mb.data), {}, telescope=tel, night=night,
+                         inputs=mb.attrs["inputs"], method=f"{config.bias_combine} of bias frames",
+                         params={"clip_sigma": config.clip_sigma}, extra_hdr={"BUNIT": "adu"}, signature=sig)
                 # later steps read the written master back (lazily) instead of recomputing its graph
-                biases[night] = xr.open_zarr(zpath, group=f"master_bias/{key}")["master_bias"]
-            # PS map from the night with the longest bias sequence
-            if bias_nights:
-                counts = {n: int(((tds.night == n) & is_bias).sum()) for n in bias_nights}
-                ps_night = max(bias_nights, key=lambda n: (counts[n], n))
-                frames = tds.raw.sel(frame=(is_bias & (tds.night == ps_night)).values)
+                biases[(tel, night)] = (xr.open_zarr(zpath, group=f"master_bias/{key}")["master_bias"], sig)
+            elif step.kind == "ps_mask":
+                sig = _signature(step.kind, key, keys, cfg)
+                if (done := _done_product(manifest, out, step.kind, key, sig)) is not None:
+                    report.already.append(done)
+                else:
+                    try:
+                        ps = calib.ps_map(frames, config)
+                        summ = calib.ps_summary(ps)
+                        ps_np, frac, agree, std = gather([ps["ps"].data, summ["fraction"].data,
+                                                          summ["agreement"].data, ps["std"].data])
+                    except MstdaskError as exc:
+                        report.skipped.append((f"ps_mask {tel}", str(exc)))
+                    else:
+                        save("ps_mask", key, flag(ps_np, Flag.PEPPER_SALT), {"std": (("y", "x"), std)},
+                             telescope=tel, night=night, inputs=ps.attrs["inputs"], signature=sig,
+                             method=f"std over {ps.attrs['nframes']} bias > {config.ps_threshold_adu} ADU in all "
+                                    f"{config.ps_groups} groups", params={"ps_threshold": config.ps_threshold_adu},
+                             extra_hdr={"PSFRAC": (float(frac), "fraction of PS pixels"),
+                                        "PSAGREE": (float(np.nanmin(agree)), "min agreement between groups")},
+                             entry_extra={"ps_fraction": float(frac), "group_agreement": [float(a) for a in agree]})
+            elif step.kind == "bad_pixel_mask":
                 try:
-                    ps = calib.ps_map(frames, config)
-                    summ = calib.ps_summary(ps)
-                    ps_np, frac, agree, std = gather([ps["ps"].data, summ["fraction"].data,
-                                                      summ["agreement"].data, ps["std"].data])
-                    mask = flag(ps_np, Flag.PEPPER_SALT)
-                    save("ps_mask", f"{tel}_{ps_night}", mask, {"std": (("y", "x"), std)}, telescope=tel,
-                         night=ps_night, inputs=ps.attrs["inputs"],
-                         method=f"std over {ps.attrs['nframes']} bias > {config.ps_threshold_adu} ADU in all "
-                                f"{config.ps_groups} groups", params={"ps_threshold": config.ps_threshold_adu},
-                         extra_hdr={"PSFRAC": (float(frac), "fraction of PS pixels"),
-                                    "PSAGREE": (float(np.nanmin(agree)), "min agreement between groups")},
-                         entry_extra={"ps_fraction": float(frac), "group_agreement": [float(a) for a in agree]})
-                except MstdaskError as exc:
-                    report.skipped.append((f"ps_mask {tel}", str(exc)))
-            # bad pixels from each night's darks
-            is_dark = tds.imagetyp == "dark"
-            for night in sorted(set(map(str, tds.night.values[is_dark.values]))):
-                key = f"{tel}_{night}"
-                frames = tds.raw.sel(frame=(is_dark & (tds.night == night)).values)
-                try:
-                    bias_night = calib.nearest_night(night, sorted(biases))
-                    if bias_night != night:
-                        report.notes.append(f"bad_pixel_mask {key}: no master bias that night, "
-                                            f"used the one of {bias_night}")
-                    res = calib.bad_pixel_map(frames, biases[bias_night], config)
-                    bad, centre, sigma = gather([res["bad"].data, res["centre"].data, res["sigma"].data])
-                    mask = flag(bad, Flag.BAD_PIXEL)
-                    save("bad_pixel_mask", key, mask, {}, telescope=tel, night=night, inputs=res.attrs["inputs"],
-                         method=f"median dark - master bias outside {config.bad_pixel_nsigma} robust sigma",
-                         params={"nsigma": config.bad_pixel_nsigma},
-                         extra_hdr={"DARKMED": (float(centre), "[adu] median of bias-subtracted dark"),
-                                    "DARKSIG": (float(sigma), "[adu] robust sigma"), "BIASNGHT": bias_night},
-                         entry_extra={"bias_night": bias_night, "bad_fraction": float(bad.mean())})
+                    bias_night, bias, bias_sig = bias_for(tel, night, f"bad_pixel_mask {key}", report.notes)
+                    sig = _signature(step.kind, key, keys, cfg, [bias_sig])
+                    done = _done_product(manifest, out, step.kind, key, sig)
+                    if done is None:
+                        res = calib.bad_pixel_map(frames, bias, config)
+                        bad, centre, sigma = gather([res["bad"].data, res["centre"].data, res["sigma"].data])
                 except MstdaskError as exc:
                     report.skipped.append((f"bad_pixel_mask {key}", str(exc)))
-            _flats(tds, tel, biases, config, gather, save, report, zpath)
+                else:
+                    if done is not None:
+                        report.already.append(done)
+                    else:
+                        save("bad_pixel_mask", key, flag(bad, Flag.BAD_PIXEL), {}, telescope=tel, night=night,
+                             inputs=res.attrs["inputs"], signature=sig,
+                             method=f"median dark - master bias outside {config.bad_pixel_nsigma} robust sigma",
+                             params={"nsigma": config.bad_pixel_nsigma},
+                             extra_hdr={"DARKMED": (float(centre), "[adu] median of bias-subtracted dark"),
+                                        "DARKSIG": (float(sigma), "[adu] robust sigma"), "BIASNGHT": bias_night},
+                             entry_extra={"bias_night": bias_night, "bad_fraction": float(bad.mean())})
+            elif step.kind == "small_scale_flat":
+                _small_scale_flat(step, frames, keys, config, cfg, bias_for, gather, commit, write_zarr, manifest,
+                                  out, report, nightly.setdefault((tel, filt), {}))
+            else:  # master_flat
+                _master_flat(step, config, cfg, gather, save, manifest, out, report, zpath,
+                             nightly.setdefault((tel, filt), {}))
             bar.update()
-    manifest.record_run(argv, products=len(report.products), skipped=len(report.skipped))
-    manifest.write()
+    manifest.record_run(argv, products=len(report.products), already=len(report.already),
+                        skipped=len(report.skipped))
+    with _writing(out, "the manifest"):
+        manifest.write()
     report.seconds = time.perf_counter() - t0
     return report
 
 
+def _small_scale_flat(step: _CalStep, flats, keys, config, cfg: dict, bias_for, gather, commit, write_zarr,
+                      manifest: Manifest, out: Path, report: CalibReport, nightly: dict) -> None:
+    """One night's small-scale flat of one filter: flats outside the level limits left out."""
+    import numpy as np
+    import xarray as xr
+
+    from . import calib
+
+    tel, filt, night, key = step.telescope, step.filter, step.night, step.key
+    notes: list[str] = []
+    try:
+        bias_night, bias, bias_sig = bias_for(tel, night, f"flats {key}", notes)
+        sig = _signature(step.kind, key, keys, cfg, [bias_sig])
+        done = _done_product(manifest, out, step.kind, key, sig)
+        if done is not None:
+            report.notes.extend(done.get("notes", []))
+            nightly[night] = (done["inputs"], sig)
+            return
+        levels = gather(calib.flat_levels(flats, bias).data)
+        ok = (levels >= config.flat_min_adu) & (levels <= config.flat_max_adu)
+        for path, level in zip(flats["path"].values[~ok], levels[~ok]):
+            notes.append(f"flat {path} left out: level {level:.0f} ADU outside "
+                         f"{config.flat_min_adu:.0f}-{config.flat_max_adu:.0f} ADU")
+        ssf = calib.nightly_small_scale_flat(flats.isel(frame=np.flatnonzero(ok)), bias, config)
+        data = gather(ssf.data)
+    except MstdaskError as exc:
+        report.notes.extend(notes)
+        report.skipped.append((f"small_scale_flat {key}", str(exc)))
+        return
+    report.notes.extend(notes)
+    inputs = list(ssf.attrs["inputs"])
+    zds = xr.Dataset({"small_scale_flat": (("y", "x"), data)},
+                     attrs={"telescope": tel, "filter": filt, "night": night, "bias_night": bias_night,
+                            "inputs": inputs})
+
+    def record() -> None:
+        manifest.data.setdefault("intermediates", {})[f"small_scale_flat/{key}"] = {
+            "signature": sig, "inputs": inputs, "notes": notes, "bias_night": bias_night}
+
+    commit("small_scale_flat", key, lambda: write_zarr(f"small_scale_flat/{key}", zds), record)
+    nightly[night] = (inputs, sig)
+
+
+def _master_flat(step: _CalStep, config, cfg: dict, gather, save, manifest: Manifest, out: Path,
+                 report: CalibReport, zpath: Path, nightly: dict) -> None:
+    """The master flat of one night: the nightly small-scale flats of the nights around it."""
+    import xarray as xr
+
+    from . import calib
+
+    tel, filt, night, key = step.telescope, step.filter, step.night, step.key
+    use = calib.flat_window_nights(night, sorted(nightly), config)
+    if not use:
+        report.skipped.append((f"master_flat {key}", f"no nightly flat within {config.flat_max_days:.0f} days"))
+        return
+    sig = _signature(step.kind, key, [], cfg, [nightly[n][1] for n in use])
+    done = _done_product(manifest, out, step.kind, key, sig)
+    if done is not None:
+        report.already.append(done)
+        return
+    parts = [xr.open_zarr(zpath, group=f"small_scale_flat/{tel}_{filt}_{n}")["small_scale_flat"] for n in use]
+    data = gather(calib.stack_nightly_flats(parts).data)
+    inputs = [p for n in use for p in nightly[n][0]]
+    save("master_flat", key, data, {}, telescope=tel, filter=filt, night=night, inputs=inputs, signature=sig,
+         method=f"mean of {len(use)} nightly small-scale flats ({config.flat_window_px}-px median)",
+         params={"window_px": config.flat_window_px, "half_window_nights": config.flat_half_window_nights},
+         extra_hdr={"NNIGHTS": (len(use), "nights stacked"),
+                    **{f"FLATN{i:03d}": n for i, n in enumerate(use, start=1)}},
+         entry_extra={"nights": use})
+
+
+# ----------------------------------------------------------------------------- reduce
 @dataclass
 class ReduceReport:
     """What ``reduce`` did: frames reduced now, frames already done, frames that failed."""
@@ -498,42 +814,29 @@ class ReduceReport:
         return "\n".join(lines)
 
 
-def reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: str | os.PathLike, client,
-           config=None, calib_config=None, fits_dir: str | os.PathLike | None = None, progress: bool = True,
-           argv: list[str] | None = None) -> ReduceReport:
-    """STIR per frame for every science frame of a raw store: ``out_path`` (a reduced store).
+def _reduce_work(raw: RawStore, red, caldir, calib_config, report: ReduceReport):
+    """The science frames still to reduce, with their calibrations.
 
-    One task per frame (:func:`mstdask.stir.process_frame`); a frame that fails is reported
-    and skipped while the others finish, and a rerun reduces only frames not yet done. With
-    ``fits_dir`` each frame is also written as ``FITS_DIR/NIGHT/NAME.fits`` (SCI + MASK).
-    ``manifest.json`` beside the store (and in ``fits_dir``) lists the products.
+    Returns ``(coords, todo, new)``: the raw store's per-frame coordinates, the unfinished
+    slots of an earlier run ``(raw index, slot, CalibSet)`` and the frames without a slot
+    ``(raw index, CalibSet)``; frames already reduced are counted in ``report.already``,
+    frames without calibrations listed in ``report.failed``.
+
+    Raises
+    ------
+    StoreError
+        ``caldir`` is not the output of ``mstdask calibrate``.
     """
     import numpy as np
 
-    from .config import CalibConfig, StirConfig, StoreLayout
-    from .stir import find_calibrations, process_frame
-    from .store import _REDUCED_COPY, ReducedStore
+    from .stir import find_calibrations
+    from .store import _REDUCED_COPY
 
-    config = config or StirConfig()
-    calib_config = calib_config or CalibConfig()
-    t0 = time.perf_counter()
-    out_path = Path(out_path)
-    report = ReduceReport(out=str(out_path.resolve()))
-    raw = RawStore.open(store_path, mode="r")
     imagetyp, done = raw.coord("imagetyp"), raw.coord("ingested")
     sci = np.flatnonzero((imagetyp == "science") & done)
     coords = {name: raw.coord(name) for name in _REDUCED_COPY}
-    if out_path.exists() and any(out_path.iterdir()):
-        red = ReducedStore.open(out_path)
-    else:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        red = ReducedStore.create(out_path, raw.frame_shape, tuple(raw.group.attrs["tile"]), StoreLayout(),
-                                  {"raw_store": str(Path(store_path).resolve()),
-                                   "calib_dir": str(Path(caldir).resolve()), "stir_config": to_dict(config)})
-    if tuple(red.frame_shape) != tuple(raw.frame_shape):
-        raise StoreError(f"{out_path}: holds {red.frame_shape} frames, {store_path} has {raw.frame_shape}; "
-                         "reduce into a new --out")
-    known = {str(k): (i, bool(r)) for i, (k, r) in enumerate(zip(red.coord("frame_key"), red.coord("reduced")))}
+    known = {} if red is None else {
+        str(k): (i, bool(r)) for i, (k, r) in enumerate(zip(red.coord("frame_key"), red.coord("reduced")))}
     calibs: dict[tuple[str, str, str], object] = {}
     todo: list[tuple[int, int, object]] = []  # (raw index, out index, calib set)
     new: list[tuple[int, object]] = []
@@ -559,6 +862,81 @@ def reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: s
             todo.append((int(i), known[key][0], cs))
         else:
             new.append((int(i), cs))
+    return coords, todo, new
+
+
+def _fits_path(fits_root: Path | None, coords: dict, i: int) -> str | None:
+    if fits_root is None:
+        return None
+    return str(fits_root / str(coords["night"][i]) / (Path(str(coords["path"][i])).name.split(".")[0] + ".fits"))
+
+
+def _fits_tmp(fpath: str) -> Path:
+    # the temporary name stir._write_fits writes to before renaming
+    return Path(fpath).with_name(f".{Path(fpath).name}.tmp")
+
+
+def reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: str | os.PathLike, client,
+           config=None, calib_config=None, fits_dir: str | os.PathLike | None = None, progress: bool = True,
+           argv: list[str] | None = None) -> ReduceReport:
+    """STIR per frame for every science frame of a raw store: ``out_path`` (a reduced store).
+
+    One task per frame (:func:`mstdask.stir.process_frame`); a frame that fails is reported
+    and skipped while the others finish, and a rerun reduces only frames not yet done. With
+    ``fits_dir`` each frame is also written as ``FITS_DIR/NIGHT/NAME.fits`` (SCI + MASK).
+    ``manifest.json`` beside the store (and in ``fits_dir``) lists the products.
+
+    Tasks are idempotent (each writes its own frame's shards, the same bytes every time): a
+    worker that dies has its tasks run again elsewhere, and a killed run is finished by the
+    next one. The driver marks frames ``reduced`` every :data:`MARK_EVERY_S` seconds, after
+    their pixels are written; unmarked slots are hidden by :func:`mstdask.store.open_reduced`.
+
+    Raises
+    ------
+    StoreError
+        No raw store, no calibrations, or the output cannot be written (read-only folder,
+        full disk): the run stops, frames finished before are kept and marked.
+    """
+    from .config import CalibConfig, StirConfig, StoreLayout
+    from .store import ReducedStore
+
+    config = config or StirConfig()
+    calib_config = calib_config or CalibConfig()
+    t0 = time.perf_counter()
+    out_path = Path(out_path)
+    report = ReduceReport(out=str(out_path.resolve()))
+    raw = RawStore.open(store_path, mode="r")
+    red = ReducedStore.open(out_path) if out_path.exists() and any(out_path.iterdir()) else None
+    if red is not None and tuple(red.frame_shape) != tuple(raw.frame_shape):
+        raise StoreError(f"{out_path}: holds {red.frame_shape} frames, {store_path} has {raw.frame_shape}; "
+                         "reduce into a new --out")
+    coords, todo, new = _reduce_work(raw, red, caldir, calib_config, report)
+    check_writable(out_path if red is not None else out_path.parent, "the reduced store")
+    fits_root = check_writable(fits_dir, "the FITS frames") if fits_dir else None
+    then = "; frames reduced before are kept: run the same command again to reduce the rest"
+    try:
+        if red is None:
+            red = ReducedStore.create(out_path, raw.frame_shape, tuple(raw.group.attrs["tile"]), StoreLayout(),
+                                      {"raw_store": str(Path(store_path).resolve()),
+                                       "calib_dir": str(Path(caldir).resolve()), "stir_config": to_dict(config)})
+        _reduce_frames(red, raw, coords, todo, new, store_path, caldir, out_path, fits_root, client, config,
+                       calib_config, progress, argv, report)
+    except OSError as exc:
+        if not _is_fs_error(exc):
+            raise
+        raise _write_error(exc, out_path, "the reduced frames", then) from None
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _reduce_frames(red, raw: RawStore, coords: dict, todo: list, new: list, store_path, caldir, out_path: Path,
+                   fits_root: Path | None, client, config, calib_config, progress: bool, argv, report) -> None:
+    import numpy as np
+    from distributed import as_completed
+
+    from .stir import process_frame
+    from .store import _REDUCED_COPY
+
     if todo:  # unfinished slots of an earlier run: record the calibrations used this time
         red.set_coords([s for _, s, _ in todo], calib_bias=[c.bias for *_, c in todo],
                        calib_flat=[c.flat for *_, c in todo], calib_ps=[c.ps for *_, c in todo],
@@ -569,25 +947,26 @@ def reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: s
         fields.update(raw_index=idx, calib_bias=[c.bias for _, c in new], calib_flat=[c.flat for _, c in new],
                       calib_ps=[c.ps for _, c in new], calib_bad=[c.bad for _, c in new])
         slots = red.reserve(fields)
-        todo += [(i, s, c) for (i, c), s in zip(new, slots)]
+        todo = todo + [(i, s, c) for (i, c), s in zip(new, slots)]
+    slots_now = [s for _, s, _ in todo]
+    red.clear_partial(slots_now)  # left by workers killed while writing
     egain = coords["egain"]
-    fits_root = Path(fits_dir) if fits_dir else None
     futures, meta = [], {}
     for i, s, cs in todo:
         gain = float(egain[i]) if np.isfinite(egain[i]) and egain[i] > 0 else config.gain_e_per_adu
-        fpath = None
-        if fits_root is not None:
-            fpath = str(fits_root / str(coords["night"][i]) / (Path(str(coords["path"][i])).name.split(".")[0] + ".fits"))
+        fpath = _fits_path(fits_root, coords, i)
+        if fpath:
+            _unlink(_fits_tmp(fpath))
         fut = client.submit(process_frame, str(store_path), i, str(coords["path"][i]), str(out_path), s, cs, config,
-                            gain, calib_config.saturation_adu, fpath, pure=False,
+                            gain, calib_config.saturation_adu, fpath, pure=False, retries=TASK_RETRIES,
                             key=f"stir-{s}-{os.getpid()}-{time.time_ns()}")
         futures.append(fut)
         meta[fut.key] = (i, s, cs, fpath)
-    from distributed import as_completed
 
     finished: list[dict] = []
     last = time.monotonic()
     written_fits: list[tuple[int, int, object, str, dict]] = []
+    completed = False
 
     def flush() -> None:
         if not finished:
@@ -605,7 +984,9 @@ def reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: s
                 i, s, cs, fpath = meta[fut.key]
                 try:
                     res = fut.result()
-                except Exception as exc:  # one bad frame never ends the run
+                except Exception as exc:  # one bad frame never ends the run ...
+                    if _stops_the_run(exc, [out_path, fits_root]):
+                        raise  # ... but a full disk or a read-only output does: every frame would fail
                     report.failed.append((str(coords["path"][i]), f"{type(exc).__name__}: {exc}"))
                 else:
                     finished.append(res)
@@ -615,13 +996,23 @@ def reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: s
                     if fpath:
                         written_fits.append((i, s, cs, fpath, res))
                 bar.update()
-                if time.monotonic() - last > 2.0:
+                if time.monotonic() - last > MARK_EVERY_S:
                     flush()
                     last = time.monotonic()
+        completed = True
     finally:
-        flush()  # also on Ctrl-C: what is written is recorded, the rest is done next time
-        red.consolidate()
+        # Also on Ctrl-C or a full disk: what is written is recorded, the rest is done next
+        # time (when recording fails too, those frames are simply reduced again).
         client.cancel(futures)
+        try:
+            flush()
+            red.consolidate()
+        except OSError:
+            if completed:
+                raise
+        red.clear_partial(slots_now)
+        done_fits = {w[3] for w in written_fits}
+        _unlink(*(_fits_tmp(m[3]) for m in meta.values() if m[3] and m[3] not in done_fits))
 
     cfg = to_dict(config)
     done_mask = red.coord("reduced")
@@ -633,7 +1024,7 @@ def reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: s
                  inputs=[str(p) for p in red.coord("path")[done_mask]], config=cfg,
                  frames=int(done_mask.sum()), calib_dir=str(Path(caldir).resolve()),
                  failed=[{"path": p, "reason": r} for p, r in report.failed])
-    manifest.record_run(argv, reduced=len(report.reduced), failed=len(report.failed))
+    manifest.record_run(argv, reduced=len(report.reduced), already=report.already, failed=len(report.failed))
     manifest.write()
     if fits_root is not None and written_fits:
         fman = Manifest(fits_root)
@@ -643,8 +1034,321 @@ def reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: s
                      config=cfg, n_tracks=res["n_tracks"], store=str(out_path.resolve()), store_index=s)
         fman.record_run(argv, written=len(written_fits))
         fman.write()
-    report.seconds = time.perf_counter() - t0
-    return report
+
+
+# ----------------------------------------------------------------------------- dry runs
+@dataclass
+class Plan:
+    """What a command would do (``--dry-run``), found from FITS headers and store metadata
+    only: nothing is computed and nothing is written.
+
+    Attributes
+    ----------
+    command : str
+        ``ingest``, ``calibrate``, ``reduce`` or ``run``.
+    target : str
+        The store or folder the command would write.
+    frames : Counter
+        ``(night, telescope, imagetyp) -> frames`` the command would read.
+    steps : list of str
+        What it would do, one line each, and what is already done.
+    tasks : int
+        Dask tasks it would submit (for calibrate an estimate: about one per frame and stored
+        tile read, plus the combining tasks).
+    bytes_read, bytes_written : int
+        Estimated data volume (pixels, before compression).
+    notes : list of str
+        What the run would report (rejected files, frames without calibrations...).
+    parts : list of Plan
+        ``run``: the plans of ingest, calibrate and reduce.
+    """
+
+    command: str
+    target: str
+    frames: Counter = field(default_factory=Counter)
+    steps: list[str] = field(default_factory=list)
+    tasks: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    notes: list[str] = field(default_factory=list)
+    parts: list["Plan"] = field(default_factory=list)
+    tasks_estimated: bool = False
+
+    def frame_table(self) -> list[str]:
+        """Frames per night and telescope, one column per image type."""
+        kinds = ("bias", "dark", "flat", "science")
+        rows = sorted({(n, t) for n, t, _ in self.frames})
+        total = Counter()
+        for (_, _, k), v in self.frames.items():
+            total[k] += v
+        by_kind = ", ".join(f"{k} {total[k]}" for k in kinds if total[k])
+        lines = [f"frames: {sum(self.frames.values())}" + (f" ({by_kind})" if by_kind else "")]
+        if rows:
+            lines.append(f"  {'night':<12}{'telescope':<11}" + "".join(f"{k:>9}" for k in kinds))
+            for n, t in rows:
+                lines.append(f"  {n:<12}{t:<11}" + "".join(f"{self.frames.get((n, t, k), 0):>9}" for k in kinds))
+        return lines
+
+    def text(self, _part: bool = False) -> str:
+        """The plan as printed by ``--dry-run``."""
+        lines = [f"{self.command} {self.target}" + (":" if _part else ": dry run, nothing computed or written")]
+        body = self.frame_table() + self.steps
+        if self.parts:
+            for part in self.parts:
+                body += [""] + part.text(_part=True).splitlines()
+            body.append("")
+            label = "total: "
+        else:
+            label = ""
+        body.append(f"{label}tasks: {'~' if self.tasks_estimated else ''}{self.tasks}"
+                    + (" (estimated: one per frame and stored tile read, plus the combining ones)"
+                       if self.tasks_estimated and not self.parts else ""))
+        body.append(f"{label}data: {self.bytes_read / 1e6:.1f} MB read, {self.bytes_written / 1e6:.1f} MB written "
+                    "(pixels, before compression)")
+        body += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines + ["  " + b if b else "" for b in body])
+
+
+_TABLE = ("telescope", "imagetyp", "night", "filter", "time", "path", "frame_key")
+
+
+def _store_table(store: RawStore) -> dict:
+    """Per-frame coordinates of the ingested frames of a store (no pixels read)."""
+    done = store.coord("ingested")
+    table = {k: store.coord(k)[done] for k in _TABLE}
+    table["time"] = table["time"].astype("datetime64[ns]")
+    return table
+
+
+def _infos_table(infos: list[FrameInfo]) -> dict:
+    import numpy as np
+
+    table = {k: np.array([getattr(i, "key" if k == "frame_key" else k) for i in infos], dtype=object)
+             for k in _TABLE if k != "time"}
+    table["time"] = np.array([np.datetime64(i.time, "ns") for i in infos], dtype="datetime64[ns]")
+    return table
+
+
+def _concat(a: dict, b: dict) -> dict:
+    import numpy as np
+
+    return {k: np.concatenate([np.asarray(a[k], dtype=b[k].dtype if k == "time" else object),
+                               np.asarray(b[k], dtype=b[k].dtype if k == "time" else object)]) for k in _TABLE}
+
+
+def _tiles(shape: tuple[int, int], tile) -> int:
+    return -(-shape[0] // tile[0]) * -(-shape[1] // tile[1])
+
+
+def _ingest_plan(inputs, store_path, config: IngestConfig):
+    """The ingest plan, the frames it would write, the table of the store and its layout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from .store import tile_edge
+
+    files, missing = discover(inputs)
+    rejected = list(missing)
+    infos: list[FrameInfo] = []
+    with ThreadPoolExecutor(max_workers=8) as pool:  # headers only: I/O bound
+        for res in pool.map(lambda f: _scan_task(f, config.site, config.force_imagetyp), files):
+            if isinstance(res, BadInputError):
+                rejected.append((res.path or "?", res.problem))
+            elif isinstance(res, MstdaskError):
+                rejected.append(("?", str(res)))
+            else:
+                infos.append(res)
+    infos.sort(key=lambda i: (i.time, i.path))
+    seen: set[str] = set()
+    unique, dups = [], 0
+    for info in infos:
+        if info.key in seen:
+            dups += 1
+        else:
+            seen.add(info.key)
+            unique.append(info)
+    store_path = Path(store_path)
+    if Path(store_path, "zarr.json").exists():
+        store = RawStore.open(store_path, mode="r")
+        shape, tile, known, table = store.frame_shape, tuple(store.group.attrs["tile"]), store.known_keys(), \
+            _store_table(store)
+    else:
+        shape = Counter(i.shape for i in unique).most_common(1)[0][0] if unique else (0, 0)
+        tile = (tile_edge(shape[0], config.layout.tile), tile_edge(shape[1], config.layout.tile))
+        known, table = {}, _infos_table([])
+    good = []
+    for info in unique:
+        if info.shape != shape:
+            rejected.append((info.path, f"frame is {info.shape[1]}x{info.shape[0]} pixels, the store holds "
+                                        f"{shape[1]}x{shape[0]} frames; ingest it into a store of its own"))
+        else:
+            good.append(info)
+    jobs = [i for i in good if i.key not in known or not known[i.key][1]]
+    resumed = sum(1 for i in jobs if i.key in known)
+    already = len(good) - len(jobs) + dups
+    npix = int(np.prod(shape))
+    plan = Plan("ingest", str(store_path), frames=Counter((i.night, i.telescope, i.imagetyp) for i in jobs),
+                tasks=len(files) + len(jobs), bytes_read=sum(os.path.getsize(i.path) for i in jobs),
+                bytes_written=len(jobs) * npix * 2)
+    plan.steps.append(f"{len(jobs)} frames to write ({resumed} resumed), {already} already in the store, "
+                      f"{len(rejected)} rejected; {len(files)} header scans + {len(jobs)} frame writes")
+    if not Path(store_path, "zarr.json").exists() and jobs:
+        plan.steps.append(f"new store of {shape[1]}x{shape[0]} frames, tiles {tile[1]}x{tile[0]}")
+    plan.notes += [f"REJECTED {p}: {r}" for p, r in rejected]
+    return plan, jobs, table, tuple(shape), tuple(tile)
+
+
+def plan_ingest(inputs: Iterable[str | os.PathLike], store_path: str | os.PathLike,
+                config: IngestConfig | None = None) -> Plan:
+    """What ``ingest`` would do: the headers are read (in threads, no cluster), nothing is written."""
+    return _ingest_plan(inputs, store_path, config or IngestConfig())[0]
+
+
+def _calib_plan(table: dict, shape, tile, out: Path, config) -> Plan:
+    import numpy as np
+
+    from . import calib
+
+    steps = _calib_steps(table, config)
+    cfg = to_dict(config)
+    manifest = Manifest(out)  # reads manifest.json when there is one, creates nothing
+    keys = _strs(table["frame_key"])
+    npix, ntiles = int(np.prod(shape)), _tiles(shape, tile)
+    plan = Plan("calibrate", str(out))
+    biases: dict[tuple[str, str], str] = {}
+    nightly: dict[tuple[str, str], dict[str, str]] = {}
+    read: set[int] = set()
+    todo = done = skipped = 0
+    for step in steps:
+        tel, night, kind, key = step.telescope, step.night, step.kind, step.key
+        n = len(step.frames)
+        k = keys[list(step.frames)]
+        sig, why = None, None
+        if kind == "master_bias":
+            sig = _signature(kind, key, k, cfg)
+            if n < config.min_frames:
+                why = f"{n} bias frames, at least {config.min_frames} needed"
+            else:
+                biases[(tel, night)] = sig
+        elif kind == "ps_mask":
+            sig = _signature(kind, key, k, cfg)
+            if n < config.ps_min_frames:
+                why = f"{n} bias frames, at least {config.ps_min_frames} needed"
+        elif kind in ("bad_pixel_mask", "small_scale_flat"):
+            available = sorted(b for t, b in biases if t == tel)
+            if not available:
+                why = "no master bias"
+            elif n < config.min_frames:
+                why = f"{n} frames, at least {config.min_frames} needed"
+            else:
+                sig = _signature(kind, key, k, cfg, [biases[(tel, calib.nearest_night(night, available))]])
+                if kind == "small_scale_flat":
+                    nightly.setdefault((tel, step.filter), {})[night] = sig
+        else:
+            flats = nightly.get((tel, step.filter), {})
+            use = calib.flat_window_nights(night, sorted(flats), config)
+            if not use:
+                why = f"no nightly flat within {config.flat_max_days:.0f} days"
+            else:
+                sig = _signature(kind, key, [], cfg, [flats[u] for u in use])
+                n = len(use)
+        if why is not None:
+            status = f"would be skipped: {why}"
+            skipped += 1
+        elif _done_product(manifest, out, kind, key, sig) is not None:
+            status = "already done"
+            done += 1
+        else:
+            status = "to make"
+            todo += 1
+            read.update(step.frames)
+            per_frame = 4 if kind == "master_flat" else 2
+            plan.bytes_read += n * npix * per_frame + (npix * 4 if kind in ("bad_pixel_mask", "small_scale_flat")
+                                                        else 0)
+            plan.bytes_written += npix * {"master_bias": 8, "master_flat": 8, "ps_mask": 6, "bad_pixel_mask": 2,
+                                          "small_scale_flat": 4}[kind]
+            plan.tasks += (n + 1) * ntiles
+        plan.steps.append(f"  {kind:<17}{key:<28}{n:>5} {'nights' if kind == 'master_flat' else 'frames'}  {status}")
+    idx = sorted(read)
+    plan.frames = Counter(zip(_strs(table["night"])[idx], _strs(table["telescope"])[idx], _strs(table["imagetyp"])[idx]))
+    plan.steps.insert(0, f"products: {todo} to make, {done} already done, {skipped} would be skipped")
+    plan.tasks_estimated = True
+    return plan
+
+
+def plan_calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, config=None) -> Plan:
+    """What ``calibrate`` would do: products to make and already made (the store's frame
+    table and ``out_dir/manifest.json`` are read, nothing is computed or written)."""
+    from .config import CalibConfig
+
+    store = RawStore.open(store_path, mode="r")
+    return _calib_plan(_store_table(store), store.frame_shape, tuple(store.group.attrs["tile"]), Path(out_dir),
+                       config or CalibConfig())
+
+
+def plan_reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: str | os.PathLike,
+                config=None, calib_config=None, fits_dir: str | os.PathLike | None = None) -> Plan:
+    """What ``reduce`` would do: frames to reduce, already reduced, without calibrations (the
+    stores' metadata and the calibration manifest are read, nothing is computed or written)."""
+    import numpy as np
+
+    from .config import CalibConfig
+    from .store import ReducedStore
+
+    raw = RawStore.open(store_path, mode="r")
+    out_path = Path(out_path)
+    red = ReducedStore.open(out_path, mode="r") if out_path.exists() and any(out_path.iterdir()) else None
+    report = ReduceReport(out=str(out_path))
+    coords, todo, new = _reduce_work(raw, red, caldir, calib_config or CalibConfig(), report)
+    frames = [i for i, _, _ in todo] + [i for i, _ in new]
+    sets = {cs for *_, cs in todo} | {cs for _, cs in new}
+    npix = int(np.prod(raw.frame_shape))
+    plan = Plan("reduce", str(out_path), tasks=len(frames),
+                frames=Counter((str(coords["night"][i]), str(coords["telescope"][i]), "science") for i in frames),
+                bytes_read=len(frames) * npix * 2 + len(sets) * npix * 10,
+                bytes_written=len(frames) * npix * 5 * (2 if fits_dir else 1))
+    plan.steps.append(f"{len(frames)} frames to reduce ({len(todo)} left unfinished by an earlier run), "
+                      f"{report.already} already done, {len(report.failed)} without calibrations; "
+                      f"one task per frame")
+    plan.notes += sorted(set(report.notes))
+    for reason, n in Counter(r for _, r in report.failed).items():
+        plan.notes.append(f"{n} frames would fail: {reason}")
+    return plan
+
+
+def plan_run(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
+             config: IngestConfig | None = None) -> Plan:
+    """What ``run`` would do: the ingest, calibrate and reduce plans, from the headers and
+    whatever an earlier run left in ``out_dir``; nothing is computed or written."""
+    import numpy as np
+
+    from .config import CalibConfig
+    from .store import ReducedStore
+
+    config = config or IngestConfig()
+    out = Path(out_dir)
+    ing, jobs, stored, shape, tile = _ingest_plan(raw_inputs, out / "raw.zarr", config)
+    table = _concat(stored, _infos_table(jobs))
+    cal = _calib_plan(table, shape, tile, out, CalibConfig())
+    red_path = out / "reduced.zarr"
+    done_keys: set[str] = set()
+    if red_path.exists() and any(red_path.iterdir()):
+        red = ReducedStore.open(red_path, mode="r")
+        done_keys = set(map(str, red.coord("frame_key")[red.coord("reduced")]))
+    types = _strs(table["imagetyp"])
+    sci = [i for i, (t, k) in enumerate(zip(types, _strs(table["frame_key"]))) if t == "science" and k not in done_keys]
+    n_sci = int((types == "science").sum())
+    npix = int(np.prod(shape))
+    red = Plan("reduce", str(red_path), tasks=len(sci), bytes_read=len(sci) * npix * 2,
+               bytes_written=len(sci) * npix * 5,
+               frames=Counter((str(table["night"][i]), str(table["telescope"][i]), "science") for i in sci))
+    red.steps.append(f"{len(sci)} frames to reduce, {n_sci - len(sci)} already done; one task per frame, with "
+                     "the calibrations above")
+    parts = [ing, cal, red]
+    all_frames = Counter(zip(_strs(table["night"]), _strs(table["telescope"]), types))
+    return Plan("run", str(out), frames=all_frames, parts=parts, tasks=sum(p.tasks for p in parts),
+                tasks_estimated=cal.tasks > 0, bytes_read=sum(p.bytes_read for p in parts), bytes_written=sum(p.bytes_written for p in parts))
 
 
 # ----------------------------------------------------------------------------- characterize
@@ -792,11 +1496,7 @@ def characterize(store_path: str | os.PathLike, out_dir: str | os.PathLike, clie
     config = config or DetectorConfig()
     t0 = time.perf_counter()
     ds = open_store(store_path)  # a missing store is an error before anything is written
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"{out}: cannot create the output folder ({exc.strerror})") from None
+    out = check_writable(out_dir, "the characterization")
     tels = sorted(set(map(str, ds.telescope.values)))
     if not tels:
         raise InsufficientDataError(f"{store_path}: the store holds no frames; ingest the lab set first")
@@ -884,8 +1584,8 @@ def characterize(store_path: str | os.PathLike, out_dir: str | os.PathLike, clie
               "pixel_gain": ("gain", "read_noise", "summary"), "dark_current": ("summary", "longest")}
     # plain Dask arrays only: dask 2026.8 mixes up results of Delayed and arrays computed together
     items = [(name, key, getattr(lazy[name][key], "data", lazy[name][key])) for name in lazy for key in wanted[name]]
-    futures = client.compute([obj for _, _, obj in items]) if items else []
-    with _bar(len(futures), f"characterize {tel}", progress) as bar:
+    futures = client.compute([obj for _, _, obj in items], retries=TASK_RETRIES) if items else []
+    with _bar(len(futures), f"characterize {tel}: compute", progress, unit="result") as bar:
         for _ in as_completed(futures):
             bar.update()
     got: dict[str, dict] = {}
@@ -896,23 +1596,38 @@ def characterize(store_path: str | os.PathLike, out_dir: str | os.PathLike, clie
             skip(name, str(exc))
     client.cancel(futures)
 
-    # 3. Products.
+    # 3. Products: FITS maps and figures, each under a temporary name and renamed.
+    n_files = {"bias_stability": 1, "combined_bias": 2, "anomalous_pixels": 6 if "combined_bias" in got else 0,
+               "photon_transfer": 1, "linearity": 1, "pixel_gain": 3, "dark_current": 2}
+    wbar = _bar(sum(n_files[name] for name in got) + 1, f"characterize {tel}: write", progress, unit="file")
+
     def product(kind: str, fname: str, data, inputs: list[str], method: str, extra: dict | None = None,
                 **entry) -> str:
         path = out / fname
-        write_product(path, data, kind=kind, telescope=tel, night=night_label, inputs=inputs, method=method,
-                      params={k: cfg[k] for k in entry.pop("params", [])}, extra=extra)
+        with _writing(out, f"the {kind} map"):
+            write_product(path, data, kind=kind, telescope=tel, night=night_label, inputs=inputs, method=method,
+                          params={k: cfg[k] for k in entry.pop("params", [])}, extra=extra)
         report.products.append(manifest.add(kind, path, telescope=tel, filter="", night=nights, inputs=inputs,
                                             config=cfg, **entry))
+        wbar.update()
         return fname
 
     def figure(number: int, what: str, fig, inputs: list[str]) -> None:
         # a bare matplotlib Figure (no pyplot): PNG through Agg whatever the session's backend
         fname = f"fig{number:02d}_{what}_{tel}.png"
-        fig.savefig(out / fname, dpi=110)
+        tmp = out / f".{fname}.tmp"
+        try:
+            fig.savefig(tmp, dpi=110, format="png")
+            os.replace(tmp, out / fname)
+        except OSError as exc:
+            _unlink(tmp)
+            if not _is_fs_error(exc):
+                raise
+            raise _write_error(exc, out, f"figure {fname}") from None
         res["figures"][f"fig{number:02d}_{what}"] = fname
         report.products.append(manifest.add("figure", out / fname, telescope=tel, filter="", night=nights,
                                             inputs=inputs, config=cfg, figure=number, what=what))
+        wbar.update()
 
     def item(x):
         return x.item() if isinstance(x, np.ndarray) and x.dtype == object else x
@@ -1033,16 +1748,230 @@ def characterize(store_path: str | os.PathLike, out_dir: str | os.PathLike, clie
 
     jpath = out / "characterization.json"
     tmp = out / ".characterization.json.tmp"
-    tmp.write_text(json.dumps(_json_ready(res), indent=2) + "\n")
-    os.replace(tmp, jpath)
+    with _writing(out, "characterization.json"):
+        try:
+            tmp.write_text(json.dumps(_json_ready(res), indent=2) + "\n")
+            os.replace(tmp, jpath)
+        except OSError:
+            _unlink(tmp)
+            raise
+    wbar.update()
+    wbar.close()
     report.products.append(manifest.add("characterization", jpath, telescope=tel, filter="", night=nights,
                                         inputs=bias_paths + flat_paths + dark_paths, config=cfg,
                                         skipped=dict(res["skipped"])))
     manifest.record_run(argv, products=len(report.products), skipped=len(report.skipped))
-    manifest.write()
+    with _writing(out, "the manifest"):
+        manifest.write()
     report.results = _json_ready(res)
     report.seconds = time.perf_counter() - t0
     return report
 
 
 __all__ += ["CharacterizeReport", "characterize"]
+
+
+# ----------------------------------------------------------------------------- photometry (STATIC)
+@dataclass
+class PhotometryReport:
+    """What ``photometry`` did: exposures measured now, already done, flagged, failed."""
+
+    out_dir: str
+    measured: list[str] = field(default_factory=list)
+    already: int = 0
+    flagged: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    exposure_seconds: list[float] = field(default_factory=list)
+    sources: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when no exposure failed with an error (flagged exposures are data, not errors)."""
+        return not self.failed
+
+    def summary(self) -> str:
+        """Human-readable summary."""
+        per = (f", median {sorted(self.exposure_seconds)[len(self.exposure_seconds) // 2]:.1f} s per exposure "
+               "in its task") if self.exposure_seconds else ""
+        lines = [f"photometry {self.out_dir}: {len(self.measured)} exposures measured ({self.sources} sources), "
+                 f"{self.already} already done, {len(self.flagged)} flagged, {len(self.failed)} failed "
+                 f"in {self.seconds:.1f} s{per}"]
+        lines += [f"  FLAGGED {e}: {why}" for e, why in self.flagged]
+        lines += [f"  FAILED {e}: {why}" for e, why in self.failed]
+        return "\n".join(lines)
+
+
+def _flag_clouds(records: list[dict], drop: float) -> None:
+    """Flag exposures whose zero point is ``drop`` mag below their night's median."""
+    import numpy as np
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("zero_point") is not None:
+            groups.setdefault((r.get("night"), r.get("telescope"), r.get("filter")), []).append(r)
+    for rows in groups.values():
+        if len(rows) < 3:
+            continue
+        med = float(np.median([r["zero_point"] for r in rows]))
+        for r in rows:
+            if r["zero_point"] < med - drop:
+                r["status"] = "flagged"
+                r["reason"] = (f"zero point {r['zero_point']:.3f} is {med - r['zero_point']:.2f} mag below the "
+                               f"night's median {med:.3f}: clouds?")
+
+
+def _write_exposure_table(path: Path, records: list[dict]) -> None:
+    """The per-exposure table, replaced atomically."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .photometry import EXPOSURE_COLUMNS
+
+    cols: dict = {}
+    for name in EXPOSURE_COLUMNS:
+        vals = [r.get(name) for r in records]
+        if name == "time":
+            cols[name] = pa.array([None if v is None else int(v) for v in vals], pa.int64()).cast(
+                pa.timestamp("ns", tz="UTC"))
+        elif name in ("exposure", "status", "reason", "path", "night", "telescope", "filter", "reference_rule",
+                      "zero_point_poly", "aperture_correction_poly", "wcs", "catalog"):
+            cols[name] = pa.array([None if v is None else str(v) for v in vals], pa.string())
+        elif name in ("n_sources", "n_stars", "n_calib", "n_astrometric", "psf_stars"):
+            cols[name] = pa.array([None if v is None else int(v) for v in vals], pa.int64())
+        else:
+            cols[name] = pa.array([None if v is None else float(v) for v in vals], pa.float64())
+    table = pa.table(cols)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, out_dir: str | os.PathLike, client,
+               config=None, astro_config=None, refcat_config=None, progress: bool = True,
+               argv: list[str] | None = None) -> PhotometryReport:
+    """STATIC for every reduced exposure: ``OUT/sources/NIGHT/EXPOSURE.parquet`` (one
+    partitioned Parquet dataset of sources) and ``OUT/exposures.parquet`` (one row per
+    exposure), listed in ``OUT/manifest.json`` as ``source_catalog`` and ``exposure_table``.
+
+    One task per exposure (:func:`mstdask.photometry.photometry_task`). An exposure that
+    cannot be calibrated (no stars, no astrometric match, too few calibration stars) is
+    *flagged* with its reason; an exposure whose task raises is *failed*; the others finish.
+    A rerun measures only exposures without a source file.
+    """
+    import numpy as np
+
+    from .config import AstrometryConfig, PhotometryConfig, RefcatConfig
+    from .photometry import exposure_id, photometry_task, read_exposure_record
+    from .store import ReducedStore
+
+    config = config or PhotometryConfig()
+    astro_config = astro_config or AstrometryConfig()
+    refcat_config = refcat_config or RefcatConfig()
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    report = PhotometryReport(out_dir=str(out.resolve()))
+    red = ReducedStore.open(reduced_path, mode="r")
+    refcat_path = Path(refcat_path)
+    if not refcat_path.exists():
+        raise BadInputError(str(refcat_path), "reference catalogue not found; check --refcat")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"{out}: cannot create the catalogue folder ({exc.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise StoreError(f"{out}: the catalogue folder is not writable; choose another --out")
+    c = {name: red.coord(name) for name in ("reduced", "time", "night", "telescope", "filter", "exptime", "ra",
+                                            "dec", "egain", "path")}
+    done = np.flatnonzero(c["reduced"])
+    records: dict[str, dict] = {}
+    futures, meta_of = [], {}
+    seen: set[str] = set()
+    for i in done:
+        exp = exposure_id(str(c["telescope"][i]), int(c["time"][i]))
+        if exp in seen:  # two exposures started in the same second
+            exp = f"{exp}_{i}"
+        seen.add(exp)
+        night = str(c["night"][i]) or "unknown"
+        fpath = out / "sources" / night / f"{exp}.parquet"
+        texp = float(c["exptime"][i])
+        meta = {"exposure": exp, "path": str(c["path"][i]), "night": night, "telescope": str(c["telescope"][i]),
+                "filter": str(c["filter"][i]), "time": int(c["time"][i]),
+                "mjd_mid": float(int(c["time"][i]) / 86400e9 + 40587.0 + (texp / 2 if np.isfinite(texp) else 0) / 86400)}
+        if fpath.exists():
+            try:
+                records[exp] = read_exposure_record(fpath)
+                report.already += 1
+                continue
+            except Exception:  # unreadable leftover: measure again
+                fpath.unlink()
+        ra0, dec0 = float(c["ra"][i]), float(c["dec"][i])
+        if not (np.isfinite(ra0) and np.isfinite(dec0)):
+            rec = {**meta, "status": "flagged",
+                   "reason": "no RA/DEC pointing in the header: the blind solve starts from it; add RA/DEC "
+                             "(degrees) or OBJCTRA/OBJCTDEC to the raw headers"}
+            records[exp] = rec
+            report.flagged.append((exp, rec["reason"]))
+            continue
+        gain = float(c["egain"][i]) if np.isfinite(c["egain"][i]) and c["egain"][i] > 0 else None
+        fut = client.submit(photometry_task, str(reduced_path), int(i), str(fpath), str(refcat_path.resolve()),
+                            refcat_config, meta, texp, ra0, dec0, gain, config, astro_config, pure=False,
+                            retries=1, key=f"static-{i}-{os.getpid()}-{time.time_ns()}")
+        futures.append(fut)
+        meta_of[fut.key] = meta
+    from distributed import as_completed
+
+    try:
+        with _bar(len(futures), "photometry", progress, unit="exposure") as bar:
+            for fut in as_completed(futures):
+                meta = meta_of[fut.key]
+                try:
+                    rec = fut.result()
+                except Exception as exc:  # one bad exposure never ends the run
+                    reason = f"{type(exc).__name__}: {exc}"
+                    report.failed.append((meta["exposure"], reason))
+                    records[meta["exposure"]] = {**meta, "status": "failed", "reason": reason}
+                else:
+                    records[meta["exposure"]] = rec
+                    if rec.get("status") == "ok":
+                        report.measured.append(meta["exposure"])
+                        report.sources += int(rec.get("n_sources") or 0)
+                        report.exposure_seconds.append(float(rec.get("seconds") or 0.0))
+                    else:
+                        report.flagged.append((meta["exposure"], rec.get("reason", "")))
+                bar.update()
+    finally:
+        client.cancel(futures)
+        recs = sorted(records.values(), key=lambda r: (str(r.get("telescope")), int(r.get("time") or 0)))
+        before = {id(r): r.get("status") for r in recs}
+        _flag_clouds(recs, config.cloud_zp_drop_mag)
+        for r in recs:
+            if before[id(r)] == "ok" and r.get("status") == "flagged":
+                report.flagged.append((r["exposure"], r["reason"]))
+        table_path = out / "exposures.parquet"
+        _write_exposure_table(table_path, recs)
+        ok = [r for r in recs if r.get("catalog")]
+        cfg = {"photometry": to_dict(config), "astrometry": to_dict(astro_config), "refcat": to_dict(refcat_config)}
+        manifest = Manifest(out)
+        common = dict(telescope=sorted({str(r.get("telescope")) for r in recs}),
+                      filter=sorted({str(r.get("filter")) for r in recs}),
+                      night=sorted({str(r.get("night")) for r in recs}), config=cfg)
+        if ok:
+            manifest.add("source_catalog", out / "sources", inputs=[str(Path(reduced_path).resolve()),
+                                                                     str(refcat_path.resolve())],
+                         exposures=len(ok), sources=int(sum(int(r.get("n_sources") or 0) for r in ok)),
+                         columns=list(__import__("mstdask.photometry", fromlist=["x"]).SOURCE_COLUMNS),
+                         format="parquet dataset: sources/NIGHT/EXPOSURE.parquet", **common)
+        manifest.add("exposure_table", table_path, inputs=[str(Path(reduced_path).resolve())],
+                     exposures=len(recs), ok=sum(r.get("status") == "ok" for r in recs),
+                     flagged=sum(r.get("status") == "flagged" for r in recs),
+                     failed=sum(r.get("status") == "failed" for r in recs), **common)
+        manifest.record_run(argv, measured=len(report.measured), flagged=len(report.flagged),
+                            failed=len(report.failed))
+        manifest.write()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+__all__ += ["PhotometryReport", "photometry"]

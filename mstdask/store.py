@@ -125,6 +125,7 @@ class _FrameStore:
     """What the raw and reduced stores share: a root group, frames along ``frame``."""
 
     _pixels = "raw"  # the (frame, y, x) array that sets the number of frames
+    _frame_arrays: tuple[str, ...] = ("raw",)  # (frame, y, x) arrays written by tasks, one shard per frame
 
     def __init__(self, path: str | os.PathLike, group: zarr.Group) -> None:
         self.path = str(path)
@@ -145,6 +146,23 @@ class _FrameStore:
     def consolidate(self) -> None:
         """Refresh consolidated metadata so ``xarray.open_zarr`` opens the store quickly."""
         _quiet(zarr.consolidate_metadata, self.path, zarr_format=3)
+
+    def clear_partial(self, indices: Iterable[int]) -> int:
+        """Remove the temporary files a task killed while writing left in these frames' shard
+        folders (Zarr writes a shard to ``NAME.<id>.partial`` and renames it, so a shard itself
+        is never half-written). Only for slots no running task writes. Returns the count."""
+        n = 0
+        for name in self._frame_arrays:
+            for i in indices:
+                folder = Path(self.path, name, "c", str(int(i)))
+                if folder.is_dir():
+                    for f in folder.rglob("*.partial"):
+                        try:
+                            f.unlink()
+                            n += 1
+                        except OSError:
+                            pass
+        return n
 
 
 class RawStore(_FrameStore):
@@ -500,6 +518,7 @@ class ReducedStore(_FrameStore):
     """
 
     _pixels = "data"
+    _frame_arrays = ("data", "mask")
 
     @classmethod
     def create(cls, path: str | os.PathLike, shape: tuple[int, int], tile: tuple[int, int],

@@ -1,0 +1,382 @@
+"""STATIC per exposure (Xiao et al. 2025, section 3.2): sources, astrometry, 25-aperture
+photometry, aperture correction, PSF photometry and flux calibration.
+
+:func:`measure_exposure` does everything for one reduced frame held in memory and
+returns the source table and the exposure record; :func:`photometry_task` is the Dask task
+of ``mstdask photometry`` (one per exposure): it reads its frame from the reduced store,
+calls :func:`measure_exposure` and writes ``CATDIR/sources/NIGHT/EXPOSURE.parquet``
+atomically, so a rerun skips what is done. Nothing here submits or computes on a cluster
+(:mod:`mstdask.runner` does).
+
+Source table columns (one row per detection; magnitudes are calibrated AB-like magnitudes
+in the reference catalogue's system)::
+
+    exposure, time, mjd_mid, night, telescope, filter, source_id, ra, dec, x, y,
+    mag_aper, magerr_aper, mag_psf, magerr_psf, mag_aper_inst, mag_psf_inst,
+    flux_aper, fluxerr_aper, flux_psf, fluxerr_psf, fwhm, a, b, theta, flags,
+    extract_flags, ref_id, ref_mag, ref_sep_arcsec
+
+``flags`` is the OR of the reduced mask bits (:class:`mstdask.masks.Flag`) under the best
+aperture; ``x, y`` are 0-based pixel coordinates; ``ref_id`` is the row of the matched
+reference star (-1 if none within the match radius).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _phot_kernels as K
+from .config import AstrometryConfig, PhotometryConfig, RefcatConfig
+from .errors import InsufficientDataError, MstdaskError
+from .masks import Flag
+
+__all__ = ["EXPOSURE_COLUMNS", "SOURCE_COLUMNS", "ExposureResult", "measure_exposure", "photometry_task",
+           "exposure_id"]
+
+#: Columns of the per-source catalogue (stable names: scripts rely on them).
+SOURCE_COLUMNS = ("exposure", "time", "mjd_mid", "night", "telescope", "filter", "source_id", "ra", "dec", "x", "y",
+                  "mag_aper", "magerr_aper", "mag_psf", "magerr_psf", "mag_aper_inst", "mag_psf_inst",
+                  "flux_aper", "fluxerr_aper", "flux_psf", "fluxerr_psf", "fwhm", "a", "b", "theta", "flags",
+                  "extract_flags", "ref_id", "ref_mag", "ref_sep_arcsec")
+
+#: Columns of the per-exposure table.
+EXPOSURE_COLUMNS = ("exposure", "status", "reason", "path", "night", "telescope", "filter", "time", "mjd_mid",
+                    "exptime", "n_sources", "n_stars", "n_calib", "best_aperture_px", "reference_aperture_px",
+                    "reference_rule", "aperture_correction_rms", "zero_point", "zero_point_err",
+                    "zero_point_scatter", "zero_point_psf", "zero_point_psf_scatter", "zero_point_poly",
+                    "aperture_correction_poly", "astrometric_rms_mas", "astrometric_rms_mas_before",
+                    "n_astrometric", "pixel_scale_arcsec", "rotation_deg", "seeing_arcsec", "fwhm_px",
+                    "background_adu", "background_rms_adu", "psf_stars", "wcs", "catalog", "seconds")
+
+# Source mask bits that disqualify a star from the aperture, PSF and calibration samples.
+_SAMPLE_BAD = int(Flag.BAD_PIXEL | Flag.SATURATED | Flag.PEPPER_SALT | Flag.SATELLITE_TRACK | Flag.COSMIC_RAY)
+# Pixels never used for detection (saturated cores stay: a saturated star is still a star).
+_DETECT_BAD = int(Flag.BAD_PIXEL | Flag.PEPPER_SALT | Flag.SATELLITE_TRACK | Flag.COSMIC_RAY)
+
+
+def exposure_id(telescope: str, time_ns: int) -> str:
+    """``TEL_YYYYMMDDTHHMMSS`` (UTC start of exposure): the ``exposure`` key of the catalogues."""
+    t = np.datetime64(int(time_ns), "ns").astype("datetime64[s]").astype(object)
+    return f"{telescope or 'TEL'}_{t:%Y%m%dT%H%M%S}"
+
+
+@dataclass
+class ExposureResult:
+    """What :func:`measure_exposure` returns: the sources (dict of columns), the exposure
+    record (``EXPOSURE_COLUMNS``) and the diagnostics the notebooks plot."""
+
+    sources: dict[str, np.ndarray]
+    record: dict[str, Any]
+    diagnostics: dict[str, Any]
+
+
+class ExposureFlagged(InsufficientDataError):
+    """The exposure cannot be calibrated (no stars, no astrometric match, ...)."""
+
+
+def _robust_std(a: np.ndarray) -> float:
+    a = a[np.isfinite(a)]
+    return float(1.4826 * np.median(np.abs(a - np.median(a)))) if a.size else float("nan")
+
+
+def measure_exposure(data: np.ndarray, mask: np.ndarray, refcat, *, exptime: float, ra0: float, dec0: float,
+                     gain: float | None = None, meta: dict[str, Any] | None = None,
+                     config: PhotometryConfig | None = None, astro_config: AstrometryConfig | None = None
+                     ) -> ExposureResult:
+    """STATIC on one reduced frame.
+
+    Parameters
+    ----------
+    data : ndarray (y, x) float32
+        Reduced frame (ADU, NaN where there is no flat response).
+    mask : ndarray (y, x) uint8
+        Table 1 mask bits of the frame.
+    refcat : mstdask.refcat.Refcat
+        Reference stars around the field (astrometry and flux calibration).
+    exptime : float
+        Seconds; instrumental magnitudes are ``-2.5 log10(flux / exptime)``.
+    ra0, dec0 : float
+        Header pointing in degrees (the blind astrometric solve starts there).
+    gain : float, optional
+        e-/ADU for the Poisson part of the errors (default ``config.gain_e_per_adu``).
+    meta : dict, optional
+        ``exposure, time, mjd_mid, night, telescope, filter, path`` copied into the tables.
+
+    Returns
+    -------
+    ExposureResult
+
+    Raises
+    ------
+    ExposureFlagged
+        No stars, too few stars for the astrometry, no reference stars with magnitudes.
+    """
+    from .astrometry import solve
+
+    config = config or PhotometryConfig()
+    astro_config = astro_config or AstrometryConfig()
+    meta = dict(meta or {})
+    gain = float(gain) if gain and gain > 0 else config.gain_e_per_adu
+    if not exptime or exptime <= 0:
+        raise ExposureFlagged(f"exposure time {exptime!r} is not positive: magnitudes need it")
+    shape = data.shape
+    t0 = time.perf_counter()
+    diag: dict[str, Any] = {}
+    mask = np.asarray(mask, dtype=np.uint8)
+    finite = np.isfinite(data)
+    bad_det = ((mask & _DETECT_BAD) != 0) | ~finite
+    bad_phot = ((mask & (_DETECT_BAD | int(Flag.SATURATED))) != 0) | ~finite
+
+    # 1. background and sources
+    back, rms = K.background(data, bad_phot, config)
+    sub = np.where(finite, data - back, 0.0).astype(np.float32)
+    # second pass with the sources masked: wings and faint neighbours must not lift the sky
+    back, rms = K.background(data, bad_phot | K.source_mask(sub, rms, bad_det, config), config, debias=True)
+    sub = np.where(finite, data - back, 0.0).astype(np.float32)
+    det = K.extract(sub, rms, bad_det, config)
+    n = len(det["x"])
+    if n == 0:
+        raise ExposureFlagged("no sources detected (clouds, a closed dome or a wrong exposure?)")
+    x, y = det["x"], det["y"]
+    radii = np.asarray(config.aperture_radii_px)
+    fw_ok = det["fwhm"][(det["extract_flags"] == 0) & np.isfinite(det["fwhm"])]
+    fwhm_med = float(np.median(fw_ok)) if fw_ok.size else float(np.nanmedian(det["fwhm"]))
+    # a source is clean for the samples when its core (one FWHM) has no flagged pixel; the
+    # catalogue's flags cover the whole best aperture
+    core_flags = K.flags_under(mask, x, y, max(1.0, fwhm_med))
+    clean = (core_flags & _SAMPLE_BAD) == 0
+
+    # 2. apertures: a fiducial one (~1.5 FWHM) for the errors that choose the bright sample
+    k_fid = int(np.argmin(np.abs(radii - 1.5 * fwhm_med)))
+    f_fid, e_fid, _ = K.aperture_photometry(sub, x, y, radii[[k_fid]], rms, gain, bad_phot)
+    _, me_fid = K.mag_from_flux(f_fid[:, 0], e_fid[:, 0], exptime)
+    lo, hi = config.best_err_range
+    nn = K.nearest_neighbour(x, y)
+    iso = nn >= config.isolation_px
+    bright = np.flatnonzero((me_fid >= lo) & (me_fid <= hi) & iso & clean & (det["extract_flags"] == 0))
+    if bright.size < 5:  # faint or cloudy frames: widen to the best stars there are
+        order = np.argsort(np.where(iso & clean & np.isfinite(me_fid), me_fid, np.inf))
+        bright = order[:min(50, int(np.sum(np.isfinite(me_fid[order]) & (me_fid[order] < 0.05))))]
+    if bright.size < 3:
+        raise ExposureFlagged(f"only {bright.size} isolated stars with errors below 0.05 mag: "
+                              "too few for the aperture choice (clouds or bad focus?)")
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(bright, size=min(bright.size, 2000), replace=False))
+    fs, es, _ = K.aperture_photometry(sub, x[sample], y[sample], radii, rms, gain, bad_phot)
+    best, snr = K.best_aperture(fs, es, radii)
+    ms, _ = K.mag_from_flux(fs, es, exptime)
+    # a star counts at an aperture only if no detected neighbour lies near its edge
+    valid = nn[sample, None] > radii[None, :] + 2.0 * fwhm_med
+    ref, offsets, rule = K.reference_aperture(ms, best, config.reference_tolerance_mag, valid)
+    choice = K.ApertureChoice(best, ref, float(radii[best]), float(radii[ref]), int(sample.size),
+                              snr[:200], offsets, rule)
+    diag["apertures"] = choice
+    diag["growth_curves"] = ms[:200] - ms[:200, [ref]]
+    fa, ea, fla = K.aperture_photometry(sub, x, y, radii[[best, ref]], rms, gain, bad_phot)
+    m_best, me_best = K.mag_from_flux(fa[:, 0], ea[:, 0], exptime)
+    m_ref, _ = K.mag_from_flux(fa[:, 1], ea[:, 1], exptime)
+    flags = K.flags_under(mask, x, y, radii[best])
+
+    # 3. aperture correction: 2-D polynomial of (reference - best) over the bright sample
+    # stars clean out to the reference aperture, weighted by the difference's error (the sky
+    # noise of the large aperture relative to the star's flux dominates it)
+    acs = sample[nn[sample] > radii[ref] + 2.0 * fwhm_med]
+    if acs.size < 10:  # few stars that clean: the most isolated ones
+        acs = np.sort(sample[np.argsort(-nn[sample])][:10])
+    apc_w = 1.0 / ((ea[acs, 1] / np.maximum(fa[acs, 0], 1e-30)) ** 2 + me_best[acs] ** 2 + 1e-6)
+    apc, apc_used, apc_res = K.fit_poly2d(x[acs], y[acs], (m_ref - m_best)[acs],
+                                          config.aperture_correction_order, shape, weights=apc_w,
+                                          clip_sigma=config.clip_sigma)
+    corr = apc(x, y)
+    mag_aper_inst = m_best + corr
+    diag["aperture_correction"] = {"x": x[acs], "y": y[acs], "delta": (m_ref - m_best)[acs],
+                                   "resid": apc_res, "used": apc_used, "fwhm": det["fwhm"][acs]}
+
+    # 4. astrometry: blind pattern match from the header pointing, then 4th-order TPV
+    # saturated stars stay: they are the brightest, the ones the pattern match pairs first
+    usable = np.flatnonzero(((core_flags & _DETECT_BAD) == 0) & (det["extract_flags"] < 4) & np.isfinite(m_best))
+    if usable.size < 5:
+        raise ExposureFlagged(f"only {usable.size} clean sources: too few for astrometry")
+    try:
+        ref = {"ra": refcat.ra, "dec": refcat.dec,
+               "mag": np.where(np.isfinite(refcat.mag), refcat.mag, 99.0)}  # no magnitude: astrometry only
+        sol = solve(x[usable], y[usable], fa[usable, 0], ref, shape, ra0, dec0, astro_config)
+    except InsufficientDataError as exc:
+        raise ExposureFlagged(f"astrometry failed: {exc}") from None
+    ra, dec = sol.wcs.all_pix2world(x, y, 0)
+    diag["astrometry"] = sol
+
+    # 5. PSF model from isolated, clean, unsaturated stars; linear PSF fluxes for all
+    flux_corr = fa[:, 0] * 10 ** (-0.4 * corr)
+    psf_iso = nn >= config.psf_stamp_px
+    psf_sel = np.flatnonzero(psf_iso & clean & (det["extract_flags"] == 0) & (me_best < 0.02)
+                             & np.isfinite(flux_corr) & (flux_corr > 0))
+    psf_sel = psf_sel[np.argsort(me_best[psf_sel])][:config.psf_max_stars]
+    if psf_sel.size >= 5:
+        psf = K.build_psf(sub, bad_phot, x[psf_sel], y[psf_sel], flux_corr[psf_sel], config)
+        f_psf, e_psf, _ = K.psf_photometry(sub, bad_phot, rms, x, y, psf, gain)
+        diag["psf"] = psf
+    else:
+        f_psf = e_psf = np.full(n, np.nan)
+    m_psf_inst, me_psf = K.mag_from_flux(f_psf, e_psf, exptime)
+
+    # 6. flux calibration: stars with errors < 0.02 mag matched within 1" to the reference
+    from scipy.spatial import cKDTree
+
+    ref_id = np.full(n, -1, np.int64)
+    ref_sep = np.full(n, np.nan)
+    if len(refcat):
+        cd = math.cos(math.radians(dec0))
+        tree = cKDTree(np.column_stack([(refcat.ra - ra0) * cd, refcat.dec - dec0]))
+        dist, j = tree.query(np.column_stack([(ra - ra0) * cd, dec - dec0]),
+                             distance_upper_bound=config.match_radius_arcsec / 3600.0)
+        hit = np.isfinite(dist)
+        ref_id[hit] = j[hit]
+        ref_sep[hit] = dist[hit] * 3600.0
+    ref_mag = np.where(ref_id >= 0, refcat.mag[np.maximum(ref_id, 0)] if len(refcat) else np.nan, np.nan)
+    cal = np.flatnonzero((ref_id >= 0) & np.isfinite(ref_mag) & (me_best < config.calib_max_err)
+                         & clean & np.isfinite(mag_aper_inst))
+    if cal.size < config.min_calib_stars:
+        raise ExposureFlagged(f"only {cal.size} stars with errors < {config.calib_max_err} mag matched the "
+                              f"reference catalogue within {config.match_radius_arcsec}\" "
+                              f"(need {config.min_calib_stars}); check the catalogue covers the field and filter")
+    zp, zp_used, zp_res = K.fit_zero_point(x[cal], y[cal], mag_aper_inst[cal], me_best[cal], ref_mag[cal],
+                                           config.zero_point_order, shape, config.clip_sigma)
+    mag_aper = mag_aper_inst + zp(x, y)
+    # the exposure's zero point: the polynomial's mean over the detector (a 16 x 16 grid)
+    gy, gx = np.mgrid[0:shape[0] - 1:16j, 0:shape[1] - 1:16j]
+    zp0 = float(np.mean(zp(gx.ravel(), gy.ravel())))
+    zp_scatter = _robust_std(zp_res[zp_used])
+    zp_err = zp_scatter / math.sqrt(max(int(zp_used.sum()), 1))
+    diag["zero_point"] = {"x": x[cal], "y": y[cal], "resid": zp_res, "used": zp_used, "poly": zp,
+                          "mag_ref": ref_mag[cal]}
+    calp = cal[np.isfinite(m_psf_inst[cal])]
+    if calp.size >= config.min_calib_stars:
+        zpp, zpp_used, zpp_res = K.fit_zero_point(x[calp], y[calp], m_psf_inst[calp], me_psf[calp], ref_mag[calp],
+                                                  config.zero_point_order, shape, config.clip_sigma)
+        mag_psf = m_psf_inst + zpp(x, y)
+        zpp0, zpp_scatter = float(np.mean(zpp(gx.ravel(), gy.ravel()))), _robust_std(zpp_res[zpp_used])
+    else:
+        mag_psf, zpp0, zpp_scatter = np.full(n, np.nan), float("nan"), float("nan")
+
+    good_fw = clean & (det["extract_flags"] == 0) & (me_best < 0.05) & np.isfinite(det["fwhm"])
+    fwhm_px = float(np.median(det["fwhm"][good_fw])) if good_fw.any() else fwhm_med
+    scale = float(sol.pixel_scale_arcsec)
+    sources = {
+        "source_id": np.arange(n, dtype=np.int32),
+        "ra": ra.astype(np.float64), "dec": dec.astype(np.float64),
+        "x": x.astype(np.float32), "y": y.astype(np.float32),
+        "mag_aper": mag_aper.astype(np.float32), "magerr_aper": me_best.astype(np.float32),
+        "mag_psf": np.asarray(mag_psf, np.float32), "magerr_psf": me_psf.astype(np.float32),
+        "mag_aper_inst": mag_aper_inst.astype(np.float32), "mag_psf_inst": m_psf_inst.astype(np.float32),
+        "flux_aper": flux_corr.astype(np.float32), "fluxerr_aper": ea[:, 0].astype(np.float32),
+        "flux_psf": f_psf.astype(np.float32), "fluxerr_psf": e_psf.astype(np.float32),
+        "fwhm": det["fwhm"].astype(np.float32), "a": det["a"], "b": det["b"], "theta": det["theta"],
+        "flags": flags.astype(np.uint8), "extract_flags": (det["extract_flags"] | fla).astype(np.int16),
+        "ref_id": ref_id, "ref_mag": np.asarray(ref_mag, np.float32), "ref_sep_arcsec": ref_sep.astype(np.float32),
+    }
+    record = {
+        "status": "ok", "reason": "", "n_sources": int(n), "n_stars": int((ref_id >= 0).sum()),
+        "n_calib": int(zp_used.sum()), "best_aperture_px": choice.best_radius,
+        "reference_aperture_px": choice.reference_radius, "reference_rule": rule,
+        "aperture_correction_rms": _robust_std(apc_res[apc_used]),
+        "zero_point": zp0, "zero_point_err": zp_err, "zero_point_scatter": zp_scatter,
+        "zero_point_psf": zpp0, "zero_point_psf_scatter": zpp_scatter,
+        "zero_point_poly": json.dumps(zp.to_dict()), "aperture_correction_poly": json.dumps(apc.to_dict()),
+        "astrometric_rms_mas": float(sol.rms_mas), "astrometric_rms_mas_before": float(sol.rms_mas_before),
+        "n_astrometric": int(sol.n_matched), "pixel_scale_arcsec": scale, "rotation_deg": float(sol.rotation_deg),
+        "seeing_arcsec": fwhm_px * scale, "fwhm_px": fwhm_px,
+        "background_adu": float(np.median(back)), "background_rms_adu": float(np.median(rms)),
+        "psf_stars": int(psf_sel.size), "wcs": sol.to_header().tostring(sep="\n"),
+        "seconds": time.perf_counter() - t0, "exptime": float(exptime),
+    }
+    for key in ("exposure", "path", "night", "telescope", "filter", "time", "mjd_mid"):
+        if key in meta:
+            record[key] = meta[key]
+    return ExposureResult(sources, record, diag)
+
+
+# ----------------------------------------------------------------------------- the task
+def _write_parquet(path: Path, sources: dict[str, np.ndarray], meta: dict[str, Any], record: dict[str, Any]) -> None:
+    """Atomic write: a temporary file renamed into place, so a file that exists is complete."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(sources["source_id"])
+    cols: dict[str, Any] = {
+        "exposure": pa.array([meta["exposure"]] * n, pa.string()),
+        "time": pa.array(np.full(n, int(meta["time"]), np.int64)).cast(pa.timestamp("ns", tz="UTC")),
+        "mjd_mid": pa.array(np.full(n, float(meta["mjd_mid"]))),
+        "night": pa.array([meta["night"]] * n, pa.string()),
+        "telescope": pa.array([meta["telescope"]] * n, pa.string()),
+        "filter": pa.array([meta["filter"]] * n, pa.string()),
+    }
+    for name in SOURCE_COLUMNS:
+        if name not in cols:
+            cols[name] = pa.array(sources[name])
+    table = pa.table(cols)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           b"mstdask.exposure": json.dumps(record, default=str).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_exposure_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The exposure record stored in a source file's Parquet metadata."""
+    import pyarrow.parquet as pq
+
+    md = pq.read_schema(path).metadata or {}
+    return json.loads(md[b"mstdask.exposure"])
+
+
+def photometry_task(reduced_store: str, index: int, out_file: str, refcat_path: str, refcat_config: RefcatConfig,
+                    meta: dict[str, Any], exptime: float, ra0: float, dec0: float, gain: float | None,
+                    config: PhotometryConfig, astro_config: AstrometryConfig) -> dict[str, Any]:
+    """One exposure of ``mstdask photometry``, inside one task.
+
+    Returns the exposure record. A flagged exposure (no stars, no astrometric match, too few
+    calibration stars, ...) returns ``status="flagged"`` with the reason and writes no file;
+    other errors propagate to the runner, which reports them.
+    """
+    import zarr
+
+    from .refcat import load_refcat
+
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {k: meta.get(k) for k in ("exposure", "path", "night", "telescope", "filter",
+                                                       "time", "mjd_mid")}
+    record["exptime"] = float(exptime)
+    try:
+        refcat = load_refcat(refcat_path, refcat_config, meta.get("filter"))
+        group = zarr.open_group(reduced_store, mode="r")
+        data = np.asarray(group["data"][index])
+        mask = np.asarray(group["mask"][index])
+        ny, nx = data.shape
+        # the catalogue around the pointing: half the diagonal plus the pointing margin
+        half_diag = math.hypot(nx, ny) / 2 * astro_config.pixel_scale_arcsec / 3600
+        radius = astro_config.search_radius_deg or half_diag * (1 + astro_config.scale_tolerance
+                                                                + astro_config.pointing_error_fraction)
+        refcat = refcat.cone(ra0, dec0, radius)
+        res = measure_exposure(data, mask, refcat, exptime=exptime, ra0=ra0, dec0=dec0, gain=gain, meta=meta,
+                               config=config, astro_config=astro_config)
+    except ExposureFlagged as exc:
+        record.update(status="flagged", reason=str(exc), seconds=time.perf_counter() - t0)
+        return record
+    res.record["catalog"] = str(out_file)
+    res.record["seconds"] = time.perf_counter() - t0
+    _write_parquet(Path(out_file), res.sources, meta, res.record)
+    return res.record

@@ -1,0 +1,162 @@
+"""Reference catalogues for astrometry and flux calibration: CSV, FITS tables or Parquet,
+with configurable column names (:class:`mstdask.config.RefcatConfig`).
+
+The simulator writes ``refcat.csv`` (``ra, dec, mag, mag_<filter>``); a SkyMapper export
+reads with ``RefcatConfig(ra="raj2000", dec="dej2000", mag="{filter}_psf",
+mag_err="e_{filter}_psf")``. With network access a Gaia cone from astroquery saved as
+Parquet or FITS works the same way (never needed by mstdask itself).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .config import RefcatConfig
+from .errors import BadInputError
+
+__all__ = ["Refcat", "load_refcat", "parse_columns"]
+
+
+@dataclass(frozen=True)
+class Refcat:
+    """Reference stars: ``ra, dec`` (deg), ``mag`` and optional ``mag_err`` arrays.
+
+    ``mag`` may hold NaN (no magnitude in this filter): such stars still serve astrometry.
+    """
+
+    ra: np.ndarray = field(repr=False)
+    dec: np.ndarray = field(repr=False)
+    mag: np.ndarray = field(repr=False)
+    mag_err: np.ndarray | None = field(default=None, repr=False)
+    path: str = ""
+    mag_column: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ra)
+
+    def cone(self, ra0: float, dec0: float, radius_deg: float) -> "Refcat":
+        """Stars within ``radius_deg`` of ``(ra0, dec0)``."""
+        if len(self) == 0:
+            return self
+        d0, r0 = math.radians(dec0), math.radians(ra0)
+        dec, ra = np.radians(self.dec), np.radians(self.ra)
+        cosd = np.sin(d0) * np.sin(dec) + np.cos(d0) * np.cos(dec) * np.cos(ra - r0)
+        keep = cosd >= math.cos(math.radians(radius_deg))
+        return Refcat(self.ra[keep], self.dec[keep], self.mag[keep],
+                      None if self.mag_err is None else self.mag_err[keep], self.path, self.mag_column)
+
+
+def parse_columns(text: str | None) -> RefcatConfig:
+    """``"ra=raj2000,dec=dej2000,mag={filter}_psf,mag_err=e_{filter}_psf"`` -> RefcatConfig."""
+    if not text:
+        return RefcatConfig()
+    kw: dict[str, object] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        key, sep_, value = part.partition("=")
+        key = key.strip()
+        if not sep_ or key not in ("ra", "dec", "mag", "mag_err", "fallback_mag", "max_mag_err"):
+            from .errors import ConfigError
+
+            raise ConfigError(f"--refcat-columns: cannot read {part!r}; write KEY=COLUMN pairs with KEY one of "
+                              "ra, dec, mag, mag_err, fallback_mag, max_mag_err, e.g. "
+                              "'ra=raj2000,dec=dej2000,mag={filter}_psf'")
+        kw[key] = float(value) if key == "max_mag_err" else value.strip()
+    return RefcatConfig(**kw)  # type: ignore[arg-type]
+
+
+def _read_table(path: Path):
+    """Any of our formats -> dict of numpy columns (names as in the file)."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+
+            tab = pq.read_table(path)
+            return {c: tab.column(c).to_numpy(zero_copy_only=False) for c in tab.column_names}
+        if name.endswith((".fits", ".fit", ".fits.gz", ".fts")):
+            from astropy.table import Table
+
+            tab = Table.read(path, hdu=1) if not name.endswith(".fits.gz") else Table.read(path)
+            return {c: np.asarray(tab[c]) for c in tab.colnames}
+        if name.endswith(".ecsv"):
+            from astropy.table import Table
+
+            tab = Table.read(path)
+            return {c: np.asarray(tab[c]) for c in tab.colnames}
+        if name.endswith((".csv", ".txt", ".csv.gz")):
+            import pandas as pd
+
+            df = pd.read_csv(path, comment="#")
+            return {c: df[c].to_numpy() for c in df.columns}
+    except FileNotFoundError:
+        raise BadInputError(str(path), "reference catalogue not found; check --refcat") from None
+    except Exception as exc:
+        raise BadInputError(str(path), f"cannot read the reference catalogue ({type(exc).__name__}: {exc})") from None
+    raise BadInputError(str(path), "unknown reference-catalogue format; use .csv, .fits or .parquet")
+
+
+def _column(cols: dict, name: str, path: Path, what: str, option: str) -> np.ndarray:
+    if name not in cols:
+        shown = ", ".join(list(cols)[:30])
+        raise BadInputError(str(path), f"no {what} column {name!r} (columns: {shown}); "
+                                       f"name it with --refcat-columns {option}=COLUMN")
+    try:
+        return np.asarray(cols[name], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise BadInputError(str(path), f"column {name!r} is not numeric") from None
+
+
+def load_refcat(path: str | os.PathLike, config: RefcatConfig | None = None, filter: str | None = None) -> Refcat:
+    """Read a reference catalogue.
+
+    Parameters
+    ----------
+    path : path
+        ``.csv``, ``.fits`` (first table HDU) or ``.parquet``.
+    config : RefcatConfig
+        Column names; ``{filter}`` in them is replaced by ``filter``.
+    filter : str, optional
+        The exposure's filter.
+
+    Raises
+    ------
+    BadInputError
+        Missing file, unreadable table, missing columns (the message lists the columns).
+    """
+    config = config or RefcatConfig()
+    path = Path(path)
+    st = path.stat() if path.exists() else None
+    if st is None:
+        raise BadInputError(str(path), "reference catalogue not found; check --refcat")
+    return _load_cached(str(path.resolve()), st.st_mtime_ns, st.st_size, config, filter or "")
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path_s: str, mtime: int, size: int, config: RefcatConfig, filt: str) -> Refcat:
+    # one read per worker process and catalogue version, however many exposures use it
+    path = Path(path_s)
+    cols = _read_table(path)
+    ra = _column(cols, config.ra, path, "RA", "ra")
+    dec = _column(cols, config.dec, path, "Dec", "dec")
+    mag_name = config.mag.replace("{filter}", filt)
+    if mag_name not in cols and config.fallback_mag and config.fallback_mag in cols:
+        mag_name = config.fallback_mag
+    mag = _column(cols, mag_name, path, f"magnitude (filter {filt!r})", "mag")
+    err = None
+    if config.mag_err:
+        err_name = config.mag_err.replace("{filter}", filt)
+        if err_name in cols:
+            err = _column(cols, err_name, path, "magnitude-error", "mag_err")
+            mag = np.where(np.isfinite(err) & (err <= config.max_mag_err), mag, np.nan)
+    ok = np.isfinite(ra) & np.isfinite(dec)
+    if ok.sum() == 0 and len(ra):
+        raise BadInputError(str(path), f"no finite coordinates in columns {config.ra!r}, {config.dec!r}")
+    return Refcat(ra[ok], dec[ok], mag[ok], None if err is None else err[ok], str(path), mag_name)
