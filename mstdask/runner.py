@@ -328,10 +328,10 @@ def _write_frames(store: RawStore, unique: list[FrameInfo], client, config: Inge
             for fut in as_completed(futures):
                 try:
                     res = fut.result()
-                except OSError as exc:
+                except Exception as exc:  # one file that cannot be written never ends the run ...
                     if _stops_the_run(exc, [store_path]):
-                        raise  # a full disk or a read-only store: every frame would fail
-                    res = BadInputError(path_of[fut.key], f"cannot be ingested ({exc})")
+                        raise  # ... but a full disk or a read-only store does: every frame would fail
+                    res = BadInputError(path_of[fut.key], f"cannot be ingested ({type(exc).__name__}: {exc})")
                 if isinstance(res, BadInputError):
                     report.rejected.append((res.path or "?", res.problem))
                 elif isinstance(res, MstdaskError):
