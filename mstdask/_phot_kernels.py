@@ -27,17 +27,16 @@ __all__ = [
     "background",
     "best_aperture",
     "build_psf",
-    "extract",
+    "detect",
     "fit_poly2d",
     "fit_zero_point",
     "flags_under",
-    "isolated",
     "mag_from_flux",
+    "measure",
     "nearest_neighbour",
     "poly2d",
     "psf_photometry",
     "reference_aperture",
-    "source_mask",
 ]
 
 Array = np.ndarray
@@ -61,7 +60,7 @@ def background(data: Array, bad: Array, config: PhotometryConfig, debias: bool =
         Pixels to ignore (bad, saturated, pepper-and-salt, tracks, cosmic rays).
     debias : bool
         Shift the map to the clipped mean of the unmasked residuals (use when ``bad`` masks
-        the sources, see :func:`source_mask`).
+        the sources, see :func:`detect`).
 
     Returns
     -------
@@ -91,25 +90,38 @@ def background(data: Array, bad: Array, config: PhotometryConfig, debias: bool =
     return back, rms
 
 
-def source_mask(sub: Array, rms: Array, bad: Array, config: PhotometryConfig, grow_px: int = 4) -> Array:
-    """Pixels of detected sources (sep's segmentation at the detection threshold), grown by
-    ``grow_px``: masked in a second background pass so that star wings and faint
-    neighbours do not lift the sky (which would bias every aperture flux low)."""
+def detect(sub: Array, rms: Array, bad: Array, config: PhotometryConfig, *, footprints_only: bool = False,
+           grow_px: int = 4) -> Array:
+    """Detect sources on a background-subtracted frame (sep.extract, SExtractor's algorithm).
+
+    Masked pixels never trigger a detection.
+
+    Returns
+    -------
+    objects : structured ndarray
+        sep's catalogue (isophotal ``x, y``, ``a, b, theta``, ``npix``, ``peak``, ``flux``, ``flag``);
+    or, with ``footprints_only``, a bool mask
+        of the sources' pixels (no deblending or cleaning, all of them) grown by ``grow_px``:
+        masked in a second background pass so that star wings and faint neighbours do not
+        lift the sky (which would bias every aperture flux low).
+    """
+    img = _c32(sub)
+    # sep keeps every above-threshold pixel on one stack; size it for dense fields.
+    sep.set_extract_pixstack(max(300_000, img.size // 4))
+    sep.set_sub_object_limit(4096)
+    kw = dict(err=_c32(rms), mask=np.ascontiguousarray(bad), minarea=int(config.detect_minarea))
+    if not footprints_only:
+        return sep.extract(img, float(config.detect_nsigma), deblend_cont=float(config.deblend_cont), clean=True,
+                           **kw)
     from scipy import ndimage
 
-    img = _c32(sub)
-    sep.set_extract_pixstack(max(300_000, img.size // 4))
-    _, seg = sep.extract(img, float(config.detect_nsigma), err=_c32(rms), mask=np.ascontiguousarray(bad),
-                         minarea=int(config.detect_minarea), deblend_cont=1.0, clean=False,
-                         segmentation_map=True)
+    _, seg = sep.extract(img, float(config.detect_nsigma), deblend_cont=1.0, clean=False, segmentation_map=True,
+                         **kw)
     return ndimage.maximum_filter(seg > 0, size=2 * grow_px + 1)
 
 
-def extract(sub: Array, rms: Array, bad: Array, config: PhotometryConfig) -> dict[str, Array]:
-    """Detect sources on a background-subtracted frame (sep.extract, SExtractor's algorithm)
-    and measure windowed centroids (``XWIN_IMAGE``) and half-light FWHMs.
-
-    Masked pixels never trigger a detection.
+def measure(sub: Array, bad: Array, obj: Array) -> dict[str, Array]:
+    """Windowed centroids (``XWIN_IMAGE``) and adaptive-moment FWHMs of :func:`detect`'s sources.
 
     Returns
     -------
@@ -119,15 +131,6 @@ def extract(sub: Array, rms: Array, bad: Array, config: PhotometryConfig) -> dic
         ``extract_flags`` (sep/SExtractor flags: 1 crowded, 2 blended, 8 truncated...).
     """
     img = _c32(sub)
-    npix = img.size
-    # sep keeps every above-threshold pixel on one stack; size it for dense fields.
-    sep.set_extract_pixstack(max(300_000, npix // 4))
-    sep.set_sub_object_limit(4096)
-    msk = np.ascontiguousarray(bad)
-    obj = sep.extract(img, float(config.detect_nsigma), err=_c32(rms), mask=msk,
-                      minarea=int(config.detect_minarea), deblend_cont=float(config.deblend_cont),
-                      clean=True)
-    n = len(obj)
     out: dict[str, Array] = {
         "x_iso": obj["x"].astype(np.float64), "y_iso": obj["y"].astype(np.float64),
         "a": obj["a"].astype(np.float32), "b": obj["b"].astype(np.float32),
@@ -135,7 +138,7 @@ def extract(sub: Array, rms: Array, bad: Array, config: PhotometryConfig) -> dic
         "peak": obj["peak"].astype(np.float32), "flux_iso": obj["flux"].astype(np.float32),
         "extract_flags": obj["flag"].astype(np.int16),
     }
-    if n == 0:
+    if len(obj) == 0:
         out.update(x=np.zeros(0), y=np.zeros(0), fwhm=np.zeros(0, np.float32))
         return out
     # Windowed centroids (SExtractor's XWIN: Gaussian window of sigma = 2 r_half / 2.3548),
@@ -248,18 +251,6 @@ def nearest_neighbour(x: Array, y: Array) -> Array:
     pts = np.column_stack([x, y])
     d, _ = cKDTree(pts).query(pts, k=2)
     return d[:, 1]
-
-
-def isolated(x: Array, y: Array, radius: float) -> Array:
-    """True for sources with no other source closer than ``radius`` pixels."""
-    from scipy.spatial import cKDTree
-
-    n = len(x)
-    if n < 2:
-        return np.ones(n, bool)
-    tree = cKDTree(np.column_stack([x, y]))
-    d, _ = tree.query(np.column_stack([x, y]), k=2)
-    return d[:, 1] >= radius
 
 
 @dataclass
@@ -462,11 +453,6 @@ class PSFModel:
         u = (np.asarray(x, float) - (nx - 1) / 2) / max((nx - 1) / 2, 1.0)
         v = (np.asarray(y, float) - (ny - 1) / 2) / max((ny - 1) / 2, 1.0)
         return _poly_terms(u, v, self.order)
-
-    def stamp(self, x: float, y: float) -> Array:
-        """The oversampled ePSF at detector position (x, y)."""
-        t = self._terms(np.atleast_1d(x), np.atleast_1d(y))[0]
-        return np.tensordot(t, self.coeffs, axes=1)
 
     def evaluate(self, x: Array, y: Array, dx: Array, dy: Array) -> Array:
         """ePSF of stars at (x, y) at pixel offsets (dx, dy) (shape (n, m)), bilinear

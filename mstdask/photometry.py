@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from astropy.stats import mad_std
 
 from . import _phot_kernels as K
 from .config import AstrometryConfig, PhotometryConfig, RefcatConfig
-from .errors import InsufficientDataError, MstdaskError
+from .errors import InsufficientDataError
 from .masks import Flag
 
-__all__ = ["EXPOSURE_COLUMNS", "SOURCE_COLUMNS", "ExposureResult", "measure_exposure", "photometry_task",
+__all__ = ["EXPOSURE_COLUMNS", "EXPOSURE_SCHEMA", "SOURCE_COLUMNS", "ExposureResult", "measure_exposure", "photometry_task",
            "exposure_id"]
 
 #: Columns of the per-source catalogue (stable names: scripts rely on them).
@@ -47,14 +48,21 @@ SOURCE_COLUMNS = ("exposure", "time", "mjd_mid", "night", "telescope", "filter",
                   "flux_aper", "fluxerr_aper", "flux_psf", "fluxerr_psf", "fwhm", "a", "b", "theta", "flags",
                   "extract_flags", "ref_id", "ref_mag", "ref_sep_arcsec")
 
-#: Columns of the per-exposure table.
-EXPOSURE_COLUMNS = ("exposure", "status", "reason", "path", "night", "telescope", "filter", "time", "mjd_mid",
-                    "exptime", "n_sources", "n_stars", "n_calib", "best_aperture_px", "reference_aperture_px",
-                    "reference_rule", "aperture_correction_rms", "zero_point", "zero_point_err",
-                    "zero_point_scatter", "zero_point_psf", "zero_point_psf_scatter", "zero_point_poly",
-                    "aperture_correction_poly", "astrometric_rms_mas", "astrometric_rms_mas_before",
-                    "n_astrometric", "pixel_scale_arcsec", "rotation_deg", "seeing_arcsec", "fwhm_px",
-                    "background_adu", "background_rms_adu", "psf_stars", "wcs", "catalog", "seconds")
+#: Columns of the per-exposure table and their Parquet types (``time``: UTC timestamp).
+EXPOSURE_SCHEMA: dict[str, str] = {
+    **dict.fromkeys(("exposure", "status", "reason", "path", "night", "telescope", "filter"), "string"),
+    "time": "timestamp", "mjd_mid": "float64", "exptime": "float64",
+    **dict.fromkeys(("n_sources", "n_stars", "n_calib"), "int64"),
+    "best_aperture_px": "float64", "reference_aperture_px": "float64", "reference_rule": "string",
+    **dict.fromkeys(("aperture_correction_rms", "zero_point", "zero_point_err", "zero_point_scatter",
+                     "zero_point_psf", "zero_point_psf_scatter"), "float64"),
+    "zero_point_poly": "string", "aperture_correction_poly": "string",
+    "astrometric_rms_mas": "float64", "astrometric_rms_mas_before": "float64", "n_astrometric": "int64",
+    **dict.fromkeys(("pixel_scale_arcsec", "rotation_deg", "seeing_arcsec", "fwhm_px", "background_adu",
+                     "background_rms_adu"), "float64"),
+    "psf_stars": "int64", "wcs": "string", "catalog": "string", "seconds": "float64",
+}
+EXPOSURE_COLUMNS = tuple(EXPOSURE_SCHEMA)
 
 # Source mask bits that disqualify a star from the aperture, PSF and calibration samples.
 _SAMPLE_BAD = int(Flag.BAD_PIXEL | Flag.SATURATED | Flag.PEPPER_SALT | Flag.SATELLITE_TRACK | Flag.COSMIC_RAY)
@@ -83,8 +91,7 @@ class ExposureFlagged(InsufficientDataError):
 
 
 def _robust_std(a: np.ndarray) -> float:
-    a = a[np.isfinite(a)]
-    return float(1.4826 * np.median(np.abs(a - np.median(a)))) if a.size else float("nan")
+    return float(mad_std(a, ignore_nan=True)) if np.isfinite(a).any() else float("nan")
 
 
 def measure_exposure(data: np.ndarray, mask: np.ndarray, refcat, *, exptime: float, ra0: float, dec0: float,
@@ -137,11 +144,13 @@ def measure_exposure(data: np.ndarray, mask: np.ndarray, refcat, *, exptime: flo
 
     # 1. background and sources
     back, rms = K.background(data, bad_phot, config)
+    footprints = K.detect(np.where(finite, data - back, 0.0), rms, bad_det, config, footprints_only=True)
+    # second pass with the sources masked: wings and faint neighbours must not lift the sky;
+    # sources are detected and measured on this background
+    back, rms = K.background(data, bad_phot | footprints, config, debias=True)
+    del footprints
     sub = np.where(finite, data - back, 0.0).astype(np.float32)
-    # second pass with the sources masked: wings and faint neighbours must not lift the sky
-    back, rms = K.background(data, bad_phot | K.source_mask(sub, rms, bad_det, config), config, debias=True)
-    sub = np.where(finite, data - back, 0.0).astype(np.float32)
-    det = K.extract(sub, rms, bad_det, config)
+    det = K.measure(sub, bad_det, K.detect(sub, rms, bad_det, config))
     n = len(det["x"])
     if n == 0:
         raise ExposureFlagged("no sources detected (clouds, a closed dome or a wrong exposure?)")

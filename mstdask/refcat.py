@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import RefcatConfig
-from .errors import BadInputError
+from .errors import BadInputError, ConfigError
 
 __all__ = ["Refcat", "load_refcat", "parse_columns"]
 
@@ -63,8 +63,6 @@ def parse_columns(text: str | None) -> RefcatConfig:
         key, sep_, value = part.partition("=")
         key = key.strip()
         if not sep_ or key not in ("ra", "dec", "mag", "mag_err", "fallback_mag", "max_mag_err"):
-            from .errors import ConfigError
-
             raise ConfigError(f"--refcat-columns: cannot read {part!r}; write KEY=COLUMN pairs with KEY one of "
                               "ra, dec, mag, mag_err, fallback_mag, max_mag_err, e.g. "
                               "'ra=raj2000,dec=dej2000,mag={filter}_psf'")

@@ -1802,14 +1802,15 @@ class PhotometryReport:
         return "\n".join(lines)
 
 
-def _flag_clouds(records: list[dict], drop: float) -> None:
-    """Flag exposures whose zero point is ``drop`` mag below their night's median."""
+def _flag_clouds(records: list[dict], drop: float) -> list[dict]:
+    """Flag exposures whose zero point is ``drop`` mag below their night's median; returns them."""
     import numpy as np
 
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         if r.get("status") == "ok" and r.get("zero_point") is not None:
             groups.setdefault((r.get("night"), r.get("telescope"), r.get("filter")), []).append(r)
+    flagged = []
     for rows in groups.values():
         if len(rows) < 3:
             continue
@@ -1819,33 +1820,28 @@ def _flag_clouds(records: list[dict], drop: float) -> None:
                 r["status"] = "flagged"
                 r["reason"] = (f"zero point {r['zero_point']:.3f} is {med - r['zero_point']:.2f} mag below the "
                                f"night's median {med:.3f}: clouds?")
+                flagged.append(r)
+    return flagged
 
 
 def _write_exposure_table(path: Path, records: list[dict]) -> None:
-    """The per-exposure table, replaced atomically."""
-    import numpy as np
+    """The per-exposure table (:data:`mstdask.photometry.EXPOSURE_SCHEMA`), replaced atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .photometry import EXPOSURE_COLUMNS
+    from .photometry import EXPOSURE_SCHEMA
 
-    cols: dict = {}
-    for name in EXPOSURE_COLUMNS:
-        vals = [r.get(name) for r in records]
-        if name == "time":
-            cols[name] = pa.array([None if v is None else int(v) for v in vals], pa.int64()).cast(
-                pa.timestamp("ns", tz="UTC"))
-        elif name in ("exposure", "status", "reason", "path", "night", "telescope", "filter", "reference_rule",
-                      "zero_point_poly", "aperture_correction_poly", "wcs", "catalog"):
-            cols[name] = pa.array([None if v is None else str(v) for v in vals], pa.string())
-        elif name in ("n_sources", "n_stars", "n_calib", "n_astrometric", "psf_stars"):
-            cols[name] = pa.array([None if v is None else int(v) for v in vals], pa.int64())
+    cast = {"string": str, "int64": int, "float64": float, "timestamp": int}
+    cols = {}
+    for name, kind in EXPOSURE_SCHEMA.items():
+        vals = [None if r.get(name) is None else cast[kind](r[name]) for r in records]
+        if kind == "timestamp":  # stored as ns since 1970 (the stores' convention)
+            cols[name] = pa.array(vals, pa.int64()).cast(pa.timestamp("ns", tz="UTC"))
         else:
-            cols[name] = pa.array([None if v is None else float(v) for v in vals], pa.float64())
-    table = pa.table(cols)
+            cols[name] = pa.array(vals, pa.type_for_alias(kind))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(pa.table(cols), tmp)
     os.replace(tmp, path)
 
 
@@ -1864,7 +1860,7 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
     import numpy as np
 
     from .config import AstrometryConfig, PhotometryConfig, RefcatConfig
-    from .photometry import exposure_id, photometry_task, read_exposure_record
+    from .photometry import SOURCE_COLUMNS, exposure_id, photometry_task, read_exposure_record
     from .store import ReducedStore
 
     config = config or PhotometryConfig()
@@ -1877,12 +1873,7 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
     refcat_path = Path(refcat_path)
     if not refcat_path.exists():
         raise BadInputError(str(refcat_path), "reference catalogue not found; check --refcat")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"{out}: cannot create the catalogue folder ({exc.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise StoreError(f"{out}: the catalogue folder is not writable; choose another --out")
+    check_writable(out, "the catalogues")
     c = {name: red.coord(name) for name in ("reduced", "time", "night", "telescope", "filter", "exptime", "ra",
                                             "dec", "egain", "path")}
     done = np.flatnonzero(c["reduced"])
@@ -1929,7 +1920,10 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
                 meta = meta_of[fut.key]
                 try:
                     rec = fut.result()
-                except Exception as exc:  # one bad exposure never ends the run
+                except Exception as exc:  # one bad exposure never ends the run ...
+                    if _stops_the_run(exc, [out]):  # ... but a full disk or a read-only output does
+                        raise _write_error(exc, out, "the source catalogues", "; exposures already written are "
+                                           "kept: run the same command again") from None
                     reason = f"{type(exc).__name__}: {exc}"
                     report.failed.append((meta["exposure"], reason))
                     records[meta["exposure"]] = {**meta, "status": "failed", "reason": reason}
@@ -1945,13 +1939,10 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
     finally:
         client.cancel(futures)
         recs = sorted(records.values(), key=lambda r: (str(r.get("telescope")), int(r.get("time") or 0)))
-        before = {id(r): r.get("status") for r in recs}
-        _flag_clouds(recs, config.cloud_zp_drop_mag)
-        for r in recs:
-            if before[id(r)] == "ok" and r.get("status") == "flagged":
-                report.flagged.append((r["exposure"], r["reason"]))
+        report.flagged += [(r["exposure"], r["reason"]) for r in _flag_clouds(recs, config.cloud_zp_drop_mag)]
         table_path = out / "exposures.parquet"
-        _write_exposure_table(table_path, recs)
+        with _writing(out, "the exposure table"):
+            _write_exposure_table(table_path, recs)
         ok = [r for r in recs if r.get("catalog")]
         cfg = {"photometry": to_dict(config), "astrometry": to_dict(astro_config), "refcat": to_dict(refcat_config)}
         manifest = Manifest(out)
@@ -1962,7 +1953,7 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
             manifest.add("source_catalog", out / "sources", inputs=[str(Path(reduced_path).resolve()),
                                                                      str(refcat_path.resolve())],
                          exposures=len(ok), sources=int(sum(int(r.get("n_sources") or 0) for r in ok)),
-                         columns=list(__import__("mstdask.photometry", fromlist=["x"]).SOURCE_COLUMNS),
+                         columns=list(SOURCE_COLUMNS),
                          format="parquet dataset: sources/NIGHT/EXPOSURE.parquet", **common)
         manifest.add("exposure_table", table_path, inputs=[str(Path(reduced_path).resolve())],
                      exposures=len(recs), ok=sum(r.get("status") == "ok" for r in recs),
@@ -1970,7 +1961,8 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
                      failed=sum(r.get("status") == "failed" for r in recs), **common)
         manifest.record_run(argv, measured=len(report.measured), flagged=len(report.flagged),
                             failed=len(report.failed))
-        manifest.write()
+        with _writing(out, "the manifest"):
+            manifest.write()
     report.seconds = time.perf_counter() - t0
     return report
 

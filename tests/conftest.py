@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +83,31 @@ def stack_frames(frames: list[np.ndarray], kind: str, night: str = "2023-01-18",
                 "path": ("frame", [f"/sim/{night}/{kind}_{i:03d}.fits" for i in range(n)]),
                 "time": ("frame", pd.date_range(f"{night}T10:40", periods=n, freq="15s").values),
                 "night": ("frame", [night] * n), "exptime": ("frame", [exptime] * n)}, name="raw")
+
+
+def start_process(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start a scheduler or worker process in a session of its own (so that stopping its
+    group also stops a nanny's worker process), logging to ``log``."""
+    with open(log, "wb") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=log.parent, start_new_session=True)
+
+
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """SIGTERM every process group (last started first), SIGKILL what is still there after
+    ``grace_s`` seconds (at once when 0)."""
+    if grace_s > 0:
+        for p in reversed(procs):
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in reversed(procs):
+        if grace_s > 0:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        # Also when the leader has exited: a worker process of its nanny may still be there.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=10)

@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from mstdask.cli import build_parser, main
 from mstdask.cluster import make_certificates
 from mstdask.testing import write_survey
 
-from conftest import REPO
+from conftest import REPO, start_process, stop_processes
 
 START_TIMEOUT = 60.0  # seconds for the scheduler and both workers to come up (a cold, busy CI box)
 
@@ -57,32 +56,6 @@ class TLSCluster:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-n:]}" for p in self.logs if p.exists())
 
 
-def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    # A session of its own: the finalizer stops the nanny together with its worker process.
-    with open(log, "wb") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=log.parent, start_new_session=True)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every process group (workers first), SIGKILL what is still there after 10 s."""
-    for p in reversed(procs):
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for p in reversed(procs):
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        # Also when the leader has exited: a worker process of its nanny may still be there.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=5)
-
-
 @pytest.fixture(scope="module")
 def tls_cluster(tmp_path_factory, request):
     """`dask scheduler` + 2 `dask worker` (1 thread, 2 GiB each) on 127.0.0.1 with TLS certificates
@@ -98,11 +71,11 @@ def tls_cluster(tmp_path_factory, request):
     cluster = TLSCluster(address="", certs=certs, config=root / "tls.yaml",
                          logs=[root / "scheduler.log", root / "worker0.log", root / "worker1.log"])
     # Registered first, so that the processes are stopped whatever fails below.
-    request.addfinalizer(lambda: _stop(cluster.procs))
+    request.addfinalizer(lambda: stop_processes(cluster.procs))
 
     # The `dask` entry point may not be on PATH (CI runs `python -m pytest` in a fresh venv).
     # --idle-timeout / --death-timeout: nothing outlives a test run that was killed outright.
-    cluster.procs.append(_start(
+    cluster.procs.append(start_process(
         [sys.executable, "-m", "distributed.cli.dask_scheduler", "--protocol", "tls", "--host", "127.0.0.1",
          "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file), "--idle-timeout", "600", *tls],
         cluster.logs[0], env))
@@ -115,7 +88,7 @@ def tls_cluster(tmp_path_factory, request):
         time.sleep(0.1)
     assert cluster.address.startswith("tls://127.0.0.1:"), cluster.address
     for i in range(2):
-        cluster.procs.append(_start(
+        cluster.procs.append(start_process(
             [sys.executable, "-m", "distributed.cli.dask_worker", cluster.address, "--name", f"w{i}",
              "--nthreads", "1", "--memory-limit", "2GiB", "--host", "127.0.0.1", "--no-dashboard",
              "--local-directory", str(root / f"worker{i}"), "--death-timeout", "60", *tls],

@@ -15,7 +15,6 @@ Small simulated nights (200 x 300 pixels), so the whole file runs in about a min
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import json
@@ -40,7 +39,7 @@ from mstdask.runner import (calibrate, characterize, ingest, plan_calibrate, pla
 from mstdask.store import open_reduced, open_store
 from mstdask.testing import write_survey
 
-from conftest import REPO
+from conftest import REPO, start_process, stop_processes
 
 SHAPE = (200, 300)
 N_FILES, N_SCIENCE = 55, 12  # 5 + 30 bias, 3 darks, 5 flats, 12 science frames
@@ -125,20 +124,6 @@ def _wait_for(condition, timeout: float, what: str, poll: float = 0.05) -> None:
         time.sleep(poll)
 
 
-def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    with open(log, "wb") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=log.parent, start_new_session=True)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in reversed(procs):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=10)
-
-
 # ----------------------------------------------------------------------------- a. a worker dies
 # Worker preload: the worker started with MSTDASK_VICTIM=write_frame (or process_frame) leaves
 # a half-written temporary in the shard folder of its second frame, as a worker killed while
@@ -194,7 +179,7 @@ def test_killed_worker_tasks_are_rescheduled_and_products_identical(raw, ref, tm
     sched_file = root / "scheduler.json"
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(_start([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+        procs.append(start_process([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
                              "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file),
                              "--idle-timeout", "600"], root / "scheduler.log", ENV))
         _wait_for(lambda: sched_file.exists() and "address" in sched_file.read_text(), 60, "the scheduler")
@@ -204,7 +189,7 @@ def test_killed_worker_tasks_are_rescheduled_and_products_identical(raw, ref, tm
             env = dict(ENV, MSTDASK_MARKER_DIR=str(markers),
                        MSTDASK_VICTIM=next((k for k, v in victims.items() if v == i), ""))
             # --no-nanny: the worker is this very process, and a killed worker stays dead
-            procs.append(_start([sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", f"w{i}",
+            procs.append(start_process([sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", f"w{i}",
                                  "--nthreads", "1", "--no-nanny", "--memory-limit", "1GiB", "--host", "127.0.0.1",
                                  "--no-dashboard", "--local-directory", str(root / f"w{i}"),
                                  "--death-timeout", "60", "--preload", str(preload)], root / f"w{i}.log", env))
@@ -235,7 +220,7 @@ def test_killed_worker_tasks_are_rescheduled_and_products_identical(raw, ref, tm
                 ing, cal, red = job.result(timeout=300)
             finally:
                 if not job.done():  # a failure above: stop the cluster, so the pipeline thread ends
-                    _stop(procs)
+                    stop_processes(procs, grace_s=0)
                 pool.shutdown(wait=False)
             assert len(c.scheduler_info()["workers"]) == 2  # both victims are gone for good
         logs = "\n".join((root / f"w{i}.log").read_text(errors="replace")[-2000:] for i in range(4))
@@ -248,7 +233,7 @@ def test_killed_worker_tasks_are_rescheduled_and_products_identical(raw, ref, tm
         assert_same_reduced(out / "reduced.zarr", ref)
         assert leftovers(out) == []  # the killed writers' temporaries are cleaned up
     finally:
-        _stop(procs)
+        stop_processes(procs, grace_s=0)
 
 
 # ----------------------------------------------------------------------------- b. the run dies
@@ -315,7 +300,7 @@ def _run_cli(hook: Path, argv: list[str], timeout: float = 240, **env: str) -> s
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
-        _stop([proc])  # local workers of a killed driver
+        stop_processes([proc], grace_s=0)  # local workers of a killed driver
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
