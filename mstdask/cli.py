@@ -100,6 +100,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distortion-order", type=int, default=4, help="polynomial order of the TPV distortion (4)")
     _cluster_options(p)
 
+    p = sub.add_parser("coadd", help="STATIC multiple: resample exposures onto one TAN grid and stack N = 2..64 of "
+                                     "them, STATIC on every stack, depth versus N -> COADDDIR (Zarr + FITS)")
+    p.add_argument("input", metavar="CATDIR|REDUCED.zarr",
+                   help="output folder of `mstdask photometry` (or the reduced store, with --catalogs)")
+    p.add_argument("--out", required=True, metavar="COADDDIR")
+    p.add_argument("--catalogs", default=None, metavar="CATDIR", help="the catalogues, when INPUT is the reduced store")
+    p.add_argument("--n", default="2,4,8,16,32,64", metavar="N,N,...",
+                   help="stack sizes: the first N exposures of each field (default 2,4,8,16,32,64)")
+    p.add_argument("--combine", choices=("mean", "median", "clipped-mean"), default="mean",
+                   help="weighted mean (default), median, or weighted mean after sigma clipping")
+    p.add_argument("--pixel-scale", type=float, default=0.862, metavar="ARCSEC",
+                   help="output pixel scale (default 0.862, MST native)")
+    p.add_argument("--resampling", choices=("bilinear", "adaptive"), default="bilinear",
+                   help="bilinear (default, fast) or reproject's adaptive kernel (anti-aliased, slower)")
+    p.add_argument("--tile", type=int, default=2048, metavar="PX", help="output tile edge (default 2048)")
+    _dry_run_option(p)
+    _cluster_options(p)
+
+    p = sub.add_parser("lightcurves", help="cross-match every exposure's catalogue to one source list -> "
+                                           "source x epoch cube LC.zarr (appends new exposures)")
+    p.add_argument("catdir", metavar="CATDIR", help="output folder of `mstdask photometry`")
+    p.add_argument("--out", required=True, metavar="LC.zarr")
+    p.add_argument("--refcat", default=None, metavar="CATALOG",
+                   help="reference catalogue of the master list (default: the one photometry used)")
+    p.add_argument("--no-refcat", action="store_true", help="build the source list from detections only")
+    p.add_argument("--match-radius", type=float, default=1.0, metavar="ARCSEC", help="cross-match radius (1)")
+    p.add_argument("--magnitude", choices=("aper", "psf"), default="aper", help="which calibrated magnitude")
+    p.add_argument("--source-chunk", type=int, default=4096, help="sources per chunk of a new cube (4096)")
+    p.add_argument("--epoch-chunk", type=int, default=64,
+                   help="epochs per chunk of a new cube, also exposures per writing task (64)")
+    _cluster_options(p)
+
+    p = sub.add_parser("precision", help="precision vs magnitude with the Eqs. 1-5 theory, catalogue stacks, "
+                                         "variability and light curves of a cube -> DIR")
+    p.add_argument("cube", metavar="LC.zarr", help="output of `mstdask lightcurves`")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--exptime", type=float, default=300.0, help="theory: exposure time in s (300)")
+    p.add_argument("--seeing", type=float, default=2.0, help="theory: seeing in arcsec (2)")
+    p.add_argument("--sky-mag", type=float, default=21.0, help="theory: sky in mag/arcsec^2 (21)")
+    p.add_argument("--diameter", type=float, default=30.0, help="theory: aperture in cm (30)")
+    p.add_argument("--efficiency", type=float, default=0.32, help="theory: total throughput eta (0.32)")
+    p.add_argument("--min-epochs", type=int, default=5, help="fewest good epochs for a source's statistics (5)")
+    _cluster_options(p)
+
     p = sub.add_parser("characterize", help="detector lab set: bias stability, anomalous pixels, dark current, "
                                             "linearity, gain and read noise (also per pixel) -> DIR")
     p.add_argument("store", metavar="STORE.zarr")
@@ -118,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the main job: ingest, then every pipeline step, into --out")
     p.add_argument("inputs", nargs="+", metavar="RAW")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--refcat", default=None, metavar="CATALOG",
+                   help="reference catalogue: also run the STATIC photometry (into DIR/catalog)")
+    p.add_argument("--refcat-columns", default=None, metavar="KEY=COL,...",
+                   help="column names of --refcat (see `mstdask photometry --help`)")
     _dry_run_option(p)
     _ingest_options(p)
     _cluster_options(p)
@@ -199,7 +247,26 @@ def _preflight(args: argparse.Namespace) -> None:
         if not Path(args.refcat).exists():
             raise BadInputError(args.refcat, "reference catalogue not found; check --refcat")
         check_writable(args.out, "the catalogues")
+    elif args.command == "coadd":
+        from .runner import _coadd_inputs
+
+        _coadd_inputs(Path(args.input), args.catalogs)
+        check_writable(args.out, "the coadds")
+    elif args.command == "lightcurves":
+        if not Path(args.catdir, "exposures.parquet").exists():
+            raise BadInputError(str(Path(args.catdir, "exposures.parquet")),
+                                "no exposure table: CATDIR must be the output folder of `mstdask photometry`")
+        if args.refcat and not Path(args.refcat).exists():
+            raise BadInputError(args.refcat, "reference catalogue not found; check --refcat")
+        check_writable(Path(args.out).parent, "the light-curve cube")
+    elif args.command == "precision":
+        from .lightcurves import CubeStore
+
+        CubeStore.open(args.cube, mode="r")
+        check_writable(args.out, "the precision products")
     elif args.command in ("run", "demo"):
+        if getattr(args, "refcat", None) and not Path(args.refcat).exists():
+            raise BadInputError(args.refcat, "reference catalogue not found; check --refcat")
         check_writable(args.out, "the output folder")
 
 
@@ -208,6 +275,9 @@ def _dry_run(args: argparse.Namespace) -> int:
     from . import runner
     from .config import CalibConfig
 
+    if args.command == "coadd":
+        print(_coadd_plan(args))
+        return 0
     if args.command == "ingest":
         plan = runner.plan_ingest(args.inputs, args.store, _ingest_config(args))
     elif args.command == "calibrate":
@@ -219,6 +289,34 @@ def _dry_run(args: argparse.Namespace) -> int:
         plan = runner.plan_run(args.inputs, args.out, _ingest_config(args))
     print(plan.text())
     return 0
+
+
+def _coadd_config(args: argparse.Namespace):
+    from .config import CoaddConfig
+    from .errors import ConfigError
+
+    try:
+        ns = tuple(int(v) for v in str(args.n).split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--n {args.n!r}: give stack sizes as integers separated by commas, e.g. 2,4,8") from None
+    return CoaddConfig(n_stack=ns, combine=args.combine, pixel_scale_arcsec=args.pixel_scale,
+                       resampling=args.resampling, tile_px=args.tile)
+
+
+def _coadd_plan(args: argparse.Namespace) -> str:
+    """What ``coadd`` would stack (fields, exposures, N), without a cluster."""
+    from .runner import CoaddReport, _coadd_frames, _coadd_inputs
+
+    cfg = _coadd_config(args)
+    catdir, reduced, _ = _coadd_inputs(Path(args.input), args.catalogs)
+    rep = CoaddReport(out_dir=str(args.out))
+    lines = [f"coadd {catdir} (reduced {reduced}) -> {args.out}: {cfg.combine}, {cfg.resampling}, "
+             f"{cfg.pixel_scale_arcsec}\"/px"]
+    for k, ((tel, filt), rows, frames) in enumerate(_coadd_frames(catdir, reduced, cfg, rep)):
+        ns = sorted({1} | {n for n in cfg.n_stack if n <= len(frames)})  # N = 1: the baseline
+        lines.append(f"  {tel} {filt} field {k}: {len(frames)} exposures -> stacks N = {', '.join(map(str, ns))}")
+    lines += [f"  SKIPPED {e}: {why}" for e, why in rep.skipped]
+    return "\n".join(lines)
 
 
 def _calib_config(args: argparse.Namespace):
@@ -234,14 +332,17 @@ def _stir_config(args: argparse.Namespace):
     return StirConfig(tracks=not args.no_tracks, cosmic_rays=not args.no_cosmics)
 
 
-def _run(inputs: list, out, args: argparse.Namespace, config: IngestConfig, argv: list[str]) -> int:
+def _run(inputs: list, out, args: argparse.Namespace, config: IngestConfig, argv: list[str],
+         refcat=None, refcat_columns: str | None = None) -> int:
     """The main job (``run`` and ``demo``) on the cluster the options ask for."""
     from .cluster import connect
+    from .refcat import parse_columns
     from .runner import run_pipeline
 
+    rcfg = parse_columns(refcat_columns) if refcat is not None else None
     with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
         report, manifest = run_pipeline(inputs, out, client, config, progress=not args.quiet,
-                                        argv=["mstdask", *argv])
+                                        argv=["mstdask", *argv], refcat=refcat, refcat_config=rcfg)
     print(report.summary())
     print(f"products: {len(manifest.products)} listed in {manifest.path}")
     print(json.dumps([{k: p[k] for k in ("kind", "path", "n_inputs")} for p in manifest.products]))
@@ -316,6 +417,42 @@ def main(argv: list[str] | None = None) -> int:
             print(preport.summary())
             return 0 if preport.ok else 1
 
+        if args.command == "coadd":
+            from .runner import coadd
+
+            ccfg = _coadd_config(args)
+            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
+                kreport = coadd(args.input, args.out, client, ccfg, progress=not args.quiet,
+                                argv=["mstdask", *argv], catalogs=args.catalogs)
+            print(kreport.summary())
+            return 0 if kreport.ok else 1
+
+        if args.command == "lightcurves":
+            from .config import LightcurveConfig
+            from .runner import lightcurves
+
+            lcfg = LightcurveConfig(match_radius_arcsec=args.match_radius, magnitude=args.magnitude,
+                                    source_chunk=args.source_chunk, epoch_chunk=args.epoch_chunk,
+                                    use_refcat=not args.no_refcat)
+            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
+                lreport = lightcurves(args.catdir, args.out, client, lcfg, progress=not args.quiet,
+                                      argv=["mstdask", *argv], refcat_path=args.refcat)
+            print(lreport.summary())
+            return 0 if lreport.ok else 1
+
+        if args.command == "precision":
+            from .config import PrecisionConfig
+            from .runner import precision
+
+            pcfg = PrecisionConfig(exptime_s=args.exptime, seeing_arcsec=args.seeing, sky_mag=args.sky_mag,
+                                   diameter_cm=args.diameter, efficiency=args.efficiency,
+                                   min_epochs=args.min_epochs)
+            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
+                qreport = precision(args.cube, args.out, client, pcfg, progress=not args.quiet,
+                                    argv=["mstdask", *argv])
+            print(qreport.summary())
+            return 0 if qreport.ok else 1
+
         if args.command == "characterize":
             from .config import DetectorConfig
             from .runner import characterize
@@ -329,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if dreport.ok else 1
 
         if args.command == "run":
-            return _run(args.inputs, args.out, args, _ingest_config(args), argv)
+            return _run(args.inputs, args.out, args, _ingest_config(args), argv, refcat=args.refcat,
+                        refcat_columns=args.refcat_columns)
 
         if args.command == "demo":
             from .testing import write_survey
@@ -342,9 +480,10 @@ def main(argv: list[str] | None = None) -> int:
             raw_dir = out / "raw_fits"
             t0 = time.perf_counter()
             print(f"simulating {args.nights} nights of {nx}x{ny} frames into {raw_dir} ...", file=sys.stderr)
-            write_survey(raw_dir, nights=args.nights, shape=(ny, nx), n_science=args.science, seed=args.seed)
+            sim = write_survey(raw_dir, nights=args.nights, shape=(ny, nx), n_science=args.science, seed=args.seed)
             print(f"  done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-            return _run([raw_dir], out, args, IngestConfig(), argv)
+            # the simulator's reference catalogue (the stars it drew the sky from) calibrates the photometry
+            return _run([raw_dir], out, args, IngestConfig(), argv, refcat=sim.refcat_path)
     except MstdaskError as exc:
         print(f"mstdask {args.command}: error: {exc}", file=sys.stderr)
         return 2

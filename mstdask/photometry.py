@@ -65,7 +65,9 @@ EXPOSURE_SCHEMA: dict[str, str] = {
 EXPOSURE_COLUMNS = tuple(EXPOSURE_SCHEMA)
 
 # Source mask bits that disqualify a star from the aperture, PSF and calibration samples.
-_SAMPLE_BAD = int(Flag.BAD_PIXEL | Flag.SATURATED | Flag.PEPPER_SALT | Flag.SATELLITE_TRACK | Flag.COSMIC_RAY)
+_SAMPLE_BAD = int(Flag.SATURATED | Flag.SATELLITE_TRACK)  # bad, PS and cosmic-ray pixels are filled
+# Scattered masked pixels that aperture photometry fills from their neighbours.
+_FILL = int(Flag.BAD_PIXEL | Flag.PEPPER_SALT | Flag.COSMIC_RAY)
 # Pixels never used for detection (saturated cores stay: a saturated star is still a star).
 _DETECT_BAD = int(Flag.BAD_PIXEL | Flag.PEPPER_SALT | Flag.SATELLITE_TRACK | Flag.COSMIC_RAY)
 
@@ -96,8 +98,8 @@ def _robust_std(a: np.ndarray) -> float:
 
 def measure_exposure(data: np.ndarray, mask: np.ndarray, refcat, *, exptime: float, ra0: float, dec0: float,
                      gain: float | None = None, meta: dict[str, Any] | None = None,
-                     config: PhotometryConfig | None = None, astro_config: AstrometryConfig | None = None
-                     ) -> ExposureResult:
+                     config: PhotometryConfig | None = None, astro_config: AstrometryConfig | None = None,
+                     noise_correlation: float = 1.0) -> ExposureResult:
     """STATIC on one reduced frame.
 
     Parameters
@@ -116,6 +118,12 @@ def measure_exposure(data: np.ndarray, mask: np.ndarray, refcat, *, exptime: flo
         e-/ADU for the Poisson part of the errors (default ``config.gain_e_per_adu``).
     meta : dict, optional
         ``exposure, time, mjd_mid, night, telescope, filter, path`` copied into the tables.
+    noise_correlation : float
+        Variance of a sum of sky pixels over the sum of their per-pixel variances: 1 for a
+        frame straight off the camera, > 1 for a resampled image (a coadd), whose pixels
+        share noise. It scales the sky term of the aperture and PSF errors, so that the
+        best aperture (the peak of the SNR) and every error are right; detection still
+        uses the per-pixel rms.
 
     Returns
     -------
@@ -148,8 +156,17 @@ def measure_exposure(data: np.ndarray, mask: np.ndarray, refcat, *, exptime: flo
     # second pass with the sources masked: wings and faint neighbours must not lift the sky;
     # sources are detected and measured on this background
     back, rms = K.background(data, bad_phot | footprints, config, debias=True)
+    if not noise_correlation >= 1.0:
+        raise ValueError(f"noise_correlation={noise_correlation} must be >= 1 (1: independent pixels)")
+    rms_phot = rms if noise_correlation == 1.0 else (rms * np.float32(math.sqrt(noise_correlation)))
     del footprints
     sub = np.where(finite, data - back, 0.0).astype(np.float32)
+    # scattered masked pixels (bad, pepper-and-salt, cosmic rays) take their neighbours' mean:
+    # with ~3 % PS pixels most apertures hold one, and scaling a sum up for a missing core
+    # pixel is badly wrong; saturated pixels, tracks and pixels without data stay masked
+    fillable = ((mask & _FILL) != 0) & finite
+    sub, unfilled = K.fill_masked(sub, fillable, ~bad_phot)
+    bad_ap = (bad_phot & ~fillable) | unfilled
     det = K.measure(sub, bad_det, K.detect(sub, rms, bad_det, config))
     n = len(det["x"])
     if n == 0:
@@ -161,11 +178,13 @@ def measure_exposure(data: np.ndarray, mask: np.ndarray, refcat, *, exptime: flo
     # a source is clean for the samples when its core (one FWHM) has no flagged pixel; the
     # catalogue's flags cover the whole best aperture
     core_flags = K.flags_under(mask, x, y, max(1.0, fwhm_med))
-    clean = (core_flags & _SAMPLE_BAD) == 0
+    # filled pixels (see above) do not spoil a star; saturation, tracks and unfillable ones do
+    sample_mask = np.where(unfilled, np.uint8(Flag.BAD_PIXEL), mask & np.uint8(_SAMPLE_BAD))
+    clean = K.flags_under(sample_mask, x, y, max(1.0, fwhm_med)) == 0
 
     # 2. apertures: a fiducial one (~1.5 FWHM) for the errors that choose the bright sample
     k_fid = int(np.argmin(np.abs(radii - 1.5 * fwhm_med)))
-    f_fid, e_fid, _ = K.aperture_photometry(sub, x, y, radii[[k_fid]], rms, gain, bad_phot)
+    f_fid, e_fid, _ = K.aperture_photometry(sub, x, y, radii[[k_fid]], rms_phot, gain, bad_ap)
     _, me_fid = K.mag_from_flux(f_fid[:, 0], e_fid[:, 0], exptime)
     lo, hi = config.best_err_range
     nn = K.nearest_neighbour(x, y)
@@ -179,8 +198,11 @@ def measure_exposure(data: np.ndarray, mask: np.ndarray, refcat, *, exptime: flo
                               "too few for the aperture choice (clouds or bad focus?)")
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(bright, size=min(bright.size, 2000), replace=False))
-    fs, es, _ = K.aperture_photometry(sub, x[sample], y[sample], radii, rms, gain, bad_phot)
+    fs, es, _ = K.aperture_photometry(sub, x[sample], y[sample], radii, rms_phot, gain, bad_ap)
     best, snr = K.best_aperture(fs, es, radii)
+    floor = np.flatnonzero(radii >= config.min_best_aperture_fwhm * fwhm_med)
+    if floor.size and best < floor[0]:
+        best = int(floor[0])
     ms, _ = K.mag_from_flux(fs, es, exptime)
     # a star counts at an aperture only if no detected neighbour lies near its edge
     valid = nn[sample, None] > radii[None, :] + 2.0 * fwhm_med
@@ -189,7 +211,7 @@ def measure_exposure(data: np.ndarray, mask: np.ndarray, refcat, *, exptime: flo
                               snr[:200], offsets, rule)
     diag["apertures"] = choice
     diag["growth_curves"] = ms[:200] - ms[:200, [ref]]
-    fa, ea, fla = K.aperture_photometry(sub, x, y, radii[[best, ref]], rms, gain, bad_phot)
+    fa, ea, fla = K.aperture_photometry(sub, x, y, radii[[best, ref]], rms_phot, gain, bad_ap)
     m_best, me_best = K.mag_from_flux(fa[:, 0], ea[:, 0], exptime)
     m_ref, _ = K.mag_from_flux(fa[:, 1], ea[:, 1], exptime)
     flags = K.flags_under(mask, x, y, radii[best])
@@ -207,7 +229,7 @@ def measure_exposure(data: np.ndarray, mask: np.ndarray, refcat, *, exptime: flo
     corr = apc(x, y)
     mag_aper_inst = m_best + corr
     diag["aperture_correction"] = {"x": x[acs], "y": y[acs], "delta": (m_ref - m_best)[acs],
-                                   "resid": apc_res, "used": apc_used, "fwhm": det["fwhm"][acs]}
+                                   "resid": apc_res, "used": apc_used, "fwhm": det["fwhm"][acs], "poly": apc}
 
     # 4. astrometry: blind pattern match from the header pointing, then 4th-order TPV
     # saturated stars stay: they are the brightest, the ones the pattern match pairs first
@@ -222,6 +244,7 @@ def measure_exposure(data: np.ndarray, mask: np.ndarray, refcat, *, exptime: flo
         raise ExposureFlagged(f"astrometry failed: {exc}") from None
     ra, dec = sol.wcs.all_pix2world(x, y, 0)
     diag["astrometry"] = sol
+    diag["astrometry_xy"] = (x[usable], y[usable])  # sol.source_index points into these
 
     # 5. PSF model from isolated, clean, unsaturated stars; linear PSF fluxes for all
     flux_corr = fa[:, 0] * 10 ** (-0.4 * corr)
@@ -231,7 +254,7 @@ def measure_exposure(data: np.ndarray, mask: np.ndarray, refcat, *, exptime: flo
     psf_sel = psf_sel[np.argsort(me_best[psf_sel])][:config.psf_max_stars]
     if psf_sel.size >= 5:
         psf = K.build_psf(sub, bad_phot, x[psf_sel], y[psf_sel], flux_corr[psf_sel], config)
-        f_psf, e_psf, _ = K.psf_photometry(sub, bad_phot, rms, x, y, psf, gain)
+        f_psf, e_psf, _ = K.psf_photometry(sub, bad_phot, rms_phot, x, y, psf, gain)
         diag["psf"] = psf
     else:
         f_psf = e_psf = np.full(n, np.nan)

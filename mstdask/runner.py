@@ -66,11 +66,13 @@ class IngestReport:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     bytes_written: int = 0
+    #: Reports of the steps ``run_pipeline`` ran after the ingest (calibrate, reduce, ...).
+    steps: list = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """True when nothing was rejected."""
-        return not self.rejected
+        """True when nothing was rejected (and no later step of the run failed)."""
+        return not self.rejected and all(step.ok for step in self.steps)
 
     def summary(self) -> str:
         """Human-readable summary, one line per rejected file."""
@@ -363,12 +365,18 @@ def _write_frames(store: RawStore, unique: list[FrameInfo], client, config: Inge
 
 def run_pipeline(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, client,
                  config: IngestConfig | None = None, progress: bool = True,
-                 argv: list[str] | None = None) -> tuple[IngestReport, Manifest]:
+                 argv: list[str] | None = None, refcat: str | os.PathLike | None = None,
+                 refcat_config=None) -> tuple[IngestReport, Manifest]:
     """The main job: ingest raw frames into ``OUT/raw.zarr``, calibrate into ``OUT``, reduce
-    the science frames into ``OUT/reduced.zarr``, then every later pipeline step.
+    the science frames into ``OUT/reduced.zarr``, then every later pipeline step: with a
+    reference catalogue (``refcat``), STATIC photometry into ``OUT/catalog``, the image
+    stacks into ``OUT/coadd``, the light-curve cube ``OUT/lightcurves.zarr`` and its
+    precision, stacking and variability statistics into ``OUT/precision``.
 
-    Writes ``OUT/manifest.json`` listing every product. Every step is resumable: a run that
-    was killed is finished by running it again, which does only the missing work.
+    Writes ``OUT/manifest.json`` listing every product (also those of the steps that write
+    into subfolders with manifests of their own). Every step is resumable: a run that was
+    killed is finished by running it again, which does only the missing work. The reports
+    of the steps after the ingest are in the returned report's ``steps``.
 
     Returns
     -------
@@ -397,11 +405,61 @@ def run_pipeline(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.Path
     if info is not None and info["frames"]:
         calib_report = calibrate(store_path, out, client, progress=progress, argv=argv)
         print(calib_report.summary(), file=sys.stderr)
+        report.steps.append(calib_report)
         if info.get("imagetyp_counts", {}).get("science"):
             red_report = reduce(store_path, out, out / "reduced.zarr", client, progress=progress, argv=argv)
             print(red_report.summary(), file=sys.stderr)
+            report.steps.append(red_report)
+            if refcat is not None:
+                phot = photometry(out / "reduced.zarr", refcat, out / "catalog", client,
+                                  refcat_config=refcat_config, progress=progress, argv=argv)
+                print(phot.summary(), file=sys.stderr)
+                report.steps.append(phot)
+                _adopt_products(out, out / "catalog")
+                _catalog_steps(out, client, progress, argv, report)
         manifest = Manifest(out)
     return report, manifest
+
+
+def _catalog_steps(out: Path, client, progress: bool, argv: list[str] | None, report: IngestReport) -> None:
+    """The steps of the main job after the photometry: image stacks (``OUT/coadd``), the
+    light-curve cube (``OUT/lightcurves.zarr``) and its statistics (``OUT/precision``).
+
+    A step with too little to work on (every exposure flagged, a single epoch) is a note in
+    the summary, not a failure of the run; the later steps still run when they can."""
+    from .errors import InsufficientDataError
+
+    steps = (("coadd", lambda: coadd(out / "catalog", out / "coadd", client, progress=progress, argv=argv),
+              out / "coadd"),
+             ("lightcurves", lambda: lightcurves(out / "catalog", out / "lightcurves.zarr", client,
+                                                 progress=progress, argv=argv), None),
+             ("precision", lambda: precision(out / "lightcurves.zarr", out / "precision", client,
+                                             progress=progress, argv=argv), out / "precision"))
+    for name, step, folder in steps:
+        try:
+            rep = step()
+        except InsufficientDataError as exc:
+            print(f"{name}: not run: {exc}", file=sys.stderr)
+            if name == "lightcurves":
+                break  # no cube: no precision either
+            continue
+        print(rep.summary(), file=sys.stderr)
+        report.steps.append(rep)
+        if folder is not None:
+            _adopt_products(out, folder)
+
+
+def _adopt_products(out: Path, sub: Path) -> None:
+    """List the products of a step that wrote into the subfolder ``sub`` (with its own
+    manifest) in ``out``'s manifest too, with paths relative to ``out``."""
+    if not (sub / "manifest.json").exists():
+        return
+    manifest = Manifest(out)
+    for p in Manifest(sub).products:
+        fields = {k: v for k, v in p.items() if k not in ("kind", "path", "n_inputs", "created")}
+        manifest.add(p["kind"], sub / p["path"], **fields)
+    with _writing(out, "the manifest"):
+        manifest.write()
 
 
 # ----------------------------------------------------------------------------- calibrate
@@ -1967,3 +2025,846 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
     return report
 
 __all__ += ["PhotometryReport", "photometry"]
+
+
+# ----------------------------------------------------------------------------- light curves
+@dataclass
+class LightcurveReport:
+    """What ``lightcurves`` did: exposures added to the cube, already there, failed."""
+
+    out_path: str
+    added: list[str] = field(default_factory=list)
+    already: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    sources: int = 0
+    new_sources: int = 0
+    epochs: int = 0
+    rows: int = 0
+    matched: int = 0
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when no exposure failed (exposures flagged by ``photometry`` are skipped, not failures)."""
+        return not self.failed
+
+    def summary(self) -> str:
+        """Human-readable summary."""
+        rate = f", {self.rows / self.seconds:,.0f} rows/s" if self.seconds > 0 and self.rows else ""
+        lines = [f"lightcurves {self.out_path}: {len(self.added)} exposures added ({self.rows} detections, "
+                 f"{self.matched} matched{rate}), {self.already} already in the cube, {len(self.skipped)} skipped, "
+                 f"{len(self.failed)} failed; cube {self.sources} sources ({self.new_sources} new) x {self.epochs} "
+                 f"epochs in {self.seconds:.1f} s"]
+        lines += [f"  NOTE {n}" for n in self.notes]
+        lines += [f"  SKIPPED {e}: {why}" for e, why in self.skipped]
+        lines += [f"  FAILED {e}: {why}" for e, why in self.failed]
+        return "\n".join(lines)
+
+
+def _catalog_exposures(catdir: Path, report: LightcurveReport) -> list[dict]:
+    """The ``ok`` exposures of a ``photometry`` output folder with their source files, by time."""
+    import pyarrow.parquet as pq
+
+    table_path = catdir / "exposures.parquet"
+    if not table_path.exists():
+        raise BadInputError(str(table_path), "no exposure table: CATDIR must be the output folder of "
+                                             "`mstdask photometry`")
+    recs = pq.read_table(table_path).to_pylist()
+    out = []
+    for r in recs:
+        exp = str(r.get("exposure"))
+        if r.get("status") != "ok":
+            report.skipped.append((exp, f"status {r.get('status')}: {r.get('reason') or ''}".strip()))
+            continue
+        path = catdir / "sources" / str(r.get("night") or "unknown") / f"{exp}.parquet"
+        if not path.exists():
+            report.failed.append((exp, f"{path}: source file missing; run `mstdask photometry` again"))
+            continue
+        t = r.get("time")
+        r["time_ns"] = int(t.timestamp() * 1e9) if hasattr(t, "timestamp") else int(t or 0)
+        r["file"] = str(path.resolve())
+        out.append(r)
+    return sorted(out, key=lambda r: (r["time_ns"], r["exposure"]))
+
+
+def _catalog_refcat(catdir: Path, refcat_path, filt: str | None, report: LightcurveReport):
+    """The reference catalogue ``photometry`` used (from CATDIR/manifest.json), or ``refcat_path``."""
+    from .config import RefcatConfig
+    from .refcat import load_refcat
+
+    cfg: dict = {}
+    if refcat_path is None:
+        entry = Manifest(catdir).get("sources")
+        if entry is None or len(entry.get("inputs", [])) < 2:
+            report.notes.append("no reference catalogue recorded in CATDIR/manifest.json: sources are built from "
+                                "detections only (give --refcat to use one)")
+            return None
+        refcat_path = entry["inputs"][1]
+        cfg = (entry.get("config") or {}).get("refcat") or {}
+    try:
+        return load_refcat(refcat_path, RefcatConfig(**cfg), filt)
+    except (MstdaskError, OSError, TypeError) as exc:
+        report.notes.append(f"reference catalogue {refcat_path} not usable ({exc}): sources are built from "
+                            "detections only")
+        return None
+
+
+#: Exposures per cross-match task of the first pass of ``lightcurves``.
+_MATCH_GROUP = 8
+
+
+def lightcurves(catdir: str | os.PathLike, out_path: str | os.PathLike, client, config=None,
+                progress: bool = True, argv: list[str] | None = None, refcat_path: str | os.PathLike | None = None
+                ) -> LightcurveReport:
+    """Cross-match every ``ok`` exposure of CATDIR to one master source list and write the
+    source x epoch cube ``out_path`` (:mod:`mstdask.lightcurves`), listed as
+    ``lightcurve_cube`` in ``manifest.json`` of its parent folder.
+
+    Master list: the cube's sources, then the reference stars ``photometry`` used that are
+    detected (1", ``ref_id``), then new sources: friends-of-friends groups of the
+    detections that match neither (mean position). Two passes over the catalogues, one task
+    per block of ``epoch_chunk`` exposures each: which sources are seen (the driver only
+    receives the unmatched positions), then match and write the block's chunk column.
+    Resumable: exposures already written are skipped; a block that failed is redone by the
+    next run in the same epochs; new exposures are appended (the cube grows along
+    ``epoch``, and along ``source`` for new sources, without rewriting finished chunks).
+    """
+    import numpy as np
+    from distributed import as_completed
+
+    from . import _lc_kernels as LK
+    from .config import LightcurveConfig
+    from .lightcurves import CubeStore, match_task, write_task
+
+    t0 = time.perf_counter()
+    catdir, out = Path(catdir), Path(out_path)
+    report = LightcurveReport(out_path=str(out.resolve()))
+    exps = _catalog_exposures(catdir, report)
+    check_writable(out.parent, "the light-curve cube")
+    if (out / "zarr.json").exists():
+        cube = CubeStore.open(out)
+        stored = cube.group.attrs.get("config", {})
+        config = config or LightcurveConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+        if cube.chunks != (config.source_chunk, config.epoch_chunk):
+            report.notes.append(f"the cube's chunks {cube.chunks} are kept (config asks "
+                                f"{(config.source_chunk, config.epoch_chunk)})")
+    else:
+        config = config or LightcurveConfig()
+        with _writing(out.parent, "the light-curve cube"):
+            cube = CubeStore.create(out, config)
+    radius, magcol = config.match_radius_arcsec, config.magnitude
+    sc, ec = cube.chunks
+
+    # what is there: written epochs are skipped, unwritten ones (a killed run) redone in place
+    slot_of = {str(e): i for i, e in enumerate(cube.coord("exposure"))}
+    written = cube.coord("written")
+    redo, new = [], []
+    for r in exps:
+        i = slot_of.get(str(r["exposure"]))
+        if i is None:
+            new.append(r)
+        elif written[i]:
+            report.already += 1
+        else:
+            redo.append((i, r))
+    todo = redo + [(None, r) for r in new]
+    if todo:
+        # pass 1: which candidates are detected, and where the unmatched detections are
+        master_ra, master_dec = cube.coord("ra"), cube.coord("dec")
+        ref_known = cube.coord("ref_id")
+        refcat = _catalog_refcat(catdir, refcat_path, str(todo[0][1].get("filter") or ""), report) \
+            if config.use_refcat else None
+        if refcat is not None and len(refcat):
+            ref_rows = np.setdiff1d(np.arange(len(refcat)), ref_known[ref_known >= 0])
+        else:
+            ref_rows = np.empty(0, np.int64)
+        cand_ra = np.concatenate([master_ra, refcat.ra[ref_rows] if len(ref_rows) else []])
+        cand_dec = np.concatenate([master_dec, refcat.dec[ref_rows] if len(ref_rows) else []])
+        blocks: list[list[tuple[int | None, dict]]] = []
+        n_old = cube.shape[1]
+        # new exposures go into slots n_old, n_old + 1, ...: group by chunk column
+        planned = [(i if i is not None else n_old + k - len(redo), r) for k, (i, r) in enumerate(todo)]
+        for col in sorted({s // ec for s, _ in planned}):
+            blocks.append([(s, r) for s, r in planned if s // ec == col])
+        cra, cdec = client.scatter([cand_ra, cand_dec], broadcast=True)
+        # pass 1 writes nothing: smaller groups than a chunk column keep both workers busy on
+        # short runs (one k-d tree per group)
+        groups = [b[i:i + _MATCH_GROUP] for b in blocks for i in range(0, len(b), _MATCH_GROUP)]
+        futs = {client.submit(match_task, [r["file"] for _, r in g], cra, cdec, radius, magcol, pure=False,
+                              retries=TASK_RETRIES): g for g in groups}
+        hits, ura, udec, bad = [], [], [], set()
+        try:
+            with _bar(len(futs), "lightcurves: match", progress, unit="block") as bar:
+                for fut in as_completed(list(futs)):
+                    try:
+                        res = fut.result()
+                    except Exception as exc:  # one bad catalogue never ends the run
+                        for _, r in futs[fut]:
+                            bad.add(id(r))
+                            report.failed.append((r["exposure"], f"{type(exc).__name__}: {exc}"))
+                    else:
+                        hits.append(res["hit"])
+                        ura.append(res["ra"])
+                        udec.append(res["dec"])
+                        for f, problem in res["bad"]:  # an unreadable catalogue: that exposure only
+                            r = next(r for _, r in futs[fut] if r["file"] == f)
+                            bad.add(id(r))
+                            report.failed.append((r["exposure"], problem))
+                    bar.update()
+        finally:
+            client.cancel(list(futs))
+        blocks = [kept for b in blocks if (kept := [(sl, r) for sl, r in b if id(r) not in bad])]
+        hit = np.unique(np.concatenate(hits)) if hits else np.empty(0, np.int64)
+        ref_hit = ref_rows[hit[hit >= len(master_ra)] - len(master_ra)]
+        nra, ndec, _ = LK.cluster_positions(np.concatenate(ura) if ura else np.empty(0),
+                                            np.concatenate(udec) if udec else np.empty(0), radius)
+        new_src = {"ra": np.concatenate([refcat.ra[ref_hit] if len(ref_hit) else [], nra]),
+                   "dec": np.concatenate([refcat.dec[ref_hit] if len(ref_hit) else [], ndec]),
+                   "ref_id": np.concatenate([ref_hit, np.full(len(nra), -1)]).astype(np.int64),
+                   "ref_mag": np.concatenate([refcat.mag[ref_hit] if len(ref_hit) else [],
+                                              np.full(len(nra), np.nan)]).astype(np.float32)}
+        report.new_sources = len(nra)
+        # grow the cube: sources first, then the new epochs (written=False until their block is done)
+        alive = {id(r) for b in blocks for _, r in b}
+        keep_new = [r for s, r in planned if s >= n_old and id(r) in alive]
+        with _writing(out, "the light-curve cube"):
+            cube.add_sources(new_src)
+            slots = cube.add_epochs({
+                "exposure": [r["exposure"] for r in keep_new], "time": [r["time_ns"] for r in keep_new],
+                "mjd_mid": [r.get("mjd_mid") for r in keep_new], "night": [r.get("night") for r in keep_new],
+                "telescope": [r.get("telescope") for r in keep_new], "filter": [r.get("filter") for r in keep_new],
+                "zero_point": [r.get("zero_point") for r in keep_new]})
+            cube.consolidate()
+        # the slots of the new exposures shift down when a failed block dropped some
+        slot_new = dict(zip((r["exposure"] for r in keep_new), slots))
+        blocks = [[(slot_new.get(r["exposure"], s) if s >= n_old else s, r) for s, r in b] for b in blocks]
+        regroup: dict[int, list] = {}
+        for b in blocks:
+            for s, r in b:
+                regroup.setdefault(s // ec, []).append((s, r))
+        # pass 2: match and write, one chunk column per task
+        mra, mdec = client.scatter([cube.coord("ra"), cube.coord("dec")], broadcast=True)
+        futs = {client.submit(write_task, str(out.resolve()), [r["file"] for _, r in b], [s for s, _ in b], mra,
+                              mdec, radius, magcol, pure=False, retries=TASK_RETRIES): b
+                for b in regroup.values()}
+        try:
+            with _bar(len(futs), "lightcurves: write", progress, unit="block") as bar:
+                for fut in as_completed(list(futs)):
+                    b = futs[fut]
+                    try:
+                        res = fut.result()
+                    except Exception as exc:
+                        if _stops_the_run(exc, [out]):
+                            raise _write_error(exc, out, "the light-curve cube", "; blocks already written are "
+                                               "kept: run the same command again") from None
+                        for _, r in b:
+                            report.failed.append((r["exposure"], f"{type(exc).__name__}: {exc}"))
+                    else:
+                        cube.mark_written(res["slots"])
+                        report.added += [r["exposure"] for _, r in b]
+                        report.rows += res["rows"]
+                        report.matched += res["matched"]
+                    bar.update()
+        finally:
+            client.cancel(list(futs))
+            cube.consolidate()
+    report.sources, report.epochs = cube.shape[0], int(cube.coord("written").sum())
+    manifest = Manifest(out.parent)
+    ok_exps = [r for r in exps]
+    manifest.add("lightcurve_cube", out, telescope=sorted({str(r.get("telescope")) for r in ok_exps}),
+                 filter=sorted({str(r.get("filter")) for r in ok_exps}),
+                 night=sorted({str(r.get("night")) for r in ok_exps}),
+                 inputs=[str((catdir / "sources").resolve()), str((catdir / "exposures.parquet").resolve())],
+                 config=to_dict(config), sources=report.sources, epochs=report.epochs,
+                 chunks=list(cube.chunks), format="zarr v3: mag, magerr, flags (source, epoch)")
+    manifest.record_run(argv, added=len(report.added), already=report.already, failed=len(report.failed))
+    with _writing(out.parent, "the manifest"):
+        manifest.write()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@dataclass
+class PrecisionReport:
+    """What ``precision`` wrote: the tables, figures and a few numbers."""
+
+    out_dir: str
+    sources: int = 0
+    epochs: int = 0
+    measured: int = 0
+    products: list[str] = field(default_factory=list)
+    top_variables: list[int] = field(default_factory=list)
+    best_precision_mag: float = float("nan")
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True: a finished reduction (missing inputs raise instead)."""
+        return True
+
+    def summary(self) -> str:
+        """Human-readable summary."""
+        lines = [f"precision {self.out_dir}: {self.measured} of {self.sources} sources with statistics over "
+                 f"{self.epochs} epochs; best binned std {self.best_precision_mag * 1000:.1f} mmag; "
+                 f"{len(self.products)} products in {self.seconds:.1f} s",
+                 f"  top variables (chi2/dof): {self.top_variables}"]
+        lines += [f"  NOTE {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _atomic_parquet(df, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _atomic_png(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def precision(lc_path: str | os.PathLike, out_dir: str | os.PathLike, client, config=None,
+              progress: bool = True, argv: list[str] | None = None) -> PrecisionReport:
+    """Precision vs magnitude (Fig. 12), catalogue stacks (Fig. 14), light curves and
+    variability (Fig. 15) of a cube: ``DIR/precision.parquet``, ``DIR/stacking.parquet``,
+    ``DIR/variability.parquet`` (one row per source, highest ``chi2_dof`` first),
+    ``DIR/lightcurves.parquet`` (the drawn sources), PNG figures and ``DIR/manifest.json``.
+
+    One parallel pass over the cube (one task per source chunk, all epochs), then the small
+    per-source table is binned. A rerun recomputes everything (one pass).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+    from distributed import as_completed, futures_of
+
+    from .config import PrecisionConfig
+    from .errors import InsufficientDataError
+    from .lightcurves import (open_cube, precision_table, select_light_curves, source_statistics, stacking_table,
+                              theory_curve)
+
+    t0 = time.perf_counter()
+    config = config or PrecisionConfig()
+    out = check_writable(out_dir, "the precision products")
+    _clear_temporaries(out)
+    ds = open_cube(lc_path)
+    report = PrecisionReport(out_dir=str(out.resolve()), sources=int(ds.sizes["source"]),
+                             epochs=int(ds.sizes["epoch"]))
+    if report.epochs < 2:
+        raise InsufficientDataError(f"{lc_path}: {report.epochs} written epochs; a scatter needs at least 2 "
+                                    "(add exposures with `mstdask lightcurves`)")
+    stats = client.persist(source_statistics(ds, config))
+    futs = futures_of(stats)
+    with _bar(len(futs), "precision", progress, unit="chunk") as bar:
+        for _ in as_completed(futs):
+            bar.update()
+    prec_f, stack_f = client.compute([precision_table(stats, config), stacking_table(stats, config)])
+    st = client.compute(stats.drop_vars("stacked")).result()
+    prec, stack = prec_f.result(), stack_f.result()
+    del stats, futs
+    table = pd.DataFrame({"source": ds["source"].values, "ra": ds["ra"].values, "dec": ds["dec"].values,
+                          "ref_id": ds["ref_id"].values,
+                          **{k: st[k].values for k in st.data_vars}})
+    table["n_epochs"] = table["n_epochs"].fillna(0).astype("int32")
+    table["expected_std"] = theory_curve(table["mean_mag"].to_numpy(), config)["total"]
+    # ratio to the empirical precision at the source's magnitude: a variable stands out
+    # even where the reported errors are off
+    idx = np.clip(np.digitize(table["mean_mag"], np.r_[prec["mag_lo"].to_numpy(), prec["mag_hi"].iloc[-1]]) - 1,
+                  0, len(prec) - 1)
+    table["std_ratio"] = table["std"].to_numpy() / prec["std_median"].to_numpy()[idx]
+    table = table.sort_values("chi2_dof", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+    table["rank"] = np.arange(1, len(table) + 1, dtype=np.int64)
+    report.measured = int(np.isfinite(table["std"]).sum())
+    report.best_precision_mag = float(np.nanmin(prec["std_median"])) if prec["std_median"].notna().any() \
+        else float("nan")
+    pick = select_light_curves(table, config)
+    report.top_variables = [int(s) for s in pick["variable"]]
+    chosen = np.r_[pick["variable"], pick["constant"]].astype(np.int64)
+    lc = ds[["mag", "magerr", "flags"]].isel(source=chosen)
+    lc = client.compute(lc).result() if len(chosen) else lc.load()
+    kind = {int(s): "variable" for s in pick["variable"]} | {int(s): "constant" for s in pick["constant"]}
+    curves = lc.to_dataframe()[["mag", "magerr", "flags"]].reset_index()
+    curves["time"] = pd.to_datetime(curves["epoch"].map(dict(zip(ds["epoch"].values, ds["time"].values))))
+    curves["mjd_mid"] = curves["epoch"].map(dict(zip(ds["epoch"].values, ds["mjd_mid"].values)))
+    curves["kind"] = curves["source"].map(kind)
+    curves = curves[np.isfinite(curves["mag"])]
+
+    products = {}
+    with _writing(out, "the precision tables"):
+        for name, df in (("precision", prec), ("stacking", stack), ("variability", table), ("lightcurves", curves)):
+            _atomic_parquet(df, out / f"{name}.parquet")
+            products[name] = out / f"{name}.parquet"
+
+        # Fig. 12: precision vs magnitude and the theory of Eqs. 1-5
+        good = table[np.isfinite(table["std"])]
+        grid = np.linspace(*config.mag_range, 300)
+        th = theory_curve(grid, config)
+        fig, ax = plt.subplots(figsize=(7, 5))
+        ax.scatter(good["mean_mag"], good["std"], s=1, c="0.6", alpha=0.3, rasterized=True, label="sources")
+        ax.plot(prec["mag_center"], prec["std_median"], "k-", lw=2, label="median std")
+        ax.plot(prec["mag_center"], prec["robust_std_median"], "C1--", label="median 1.4826 MAD")
+        ax.plot(grid, th["total"], "k--", label="theory (Eqs. 1-5)")
+        ax.plot(grid, th["photon"], "b-", lw=0.8, label="photon")
+        ax.plot(grid, th["sky"], "g--", lw=0.8, label="sky")
+        ax.plot(grid, th["scintillation"], "m-", lw=0.8, label="scintillation")
+        ax.axhline(0.004, color="r", ls=":", label="4 mmag")
+        ax.set(yscale="log", xlabel="mean magnitude", ylabel="std of magnitudes (mag)",
+               title=f"{report.measured} sources, {report.epochs} epochs")
+        if len(good):
+            lo, hi = np.nanpercentile(good["mean_mag"], [0.5, 99.5])
+            ax.set_xlim(lo - 0.5, hi + 0.5)
+            ax.set_ylim(max(1e-4, np.nanpercentile(good["std"], 0.5) / 2), min(2.0, np.nanmax(good["std"]) * 2))
+        ax.legend(fontsize=7, loc="upper left")
+        _atomic_png(fig, out / "fig12_precision.png")
+        products["fig12"] = out / "fig12_precision.png"
+
+        # Fig. 14: catalogue stacks
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for j, (n, g) in enumerate(stack.groupby("n_stack")):
+            c = plt.cm.viridis(j / max(1, len(config.stack_n) - 1))
+            ax.plot(g["mag_center"], g["scatter_median"], "-", color=c, label=f"N={n}")
+            ax.plot(g["mag_center"], g["sqrt_n_expected"], ":", color=c, lw=0.8)
+        ax.set(yscale="log", xlabel="mean magnitude", ylabel="std of N-epoch means (mag)",
+               title="catalogue stacks (dotted: single epoch / sqrt(N))")
+        if len(good):
+            ax.set_xlim(lo - 0.5, hi + 0.5)
+        ax.legend(fontsize=7, ncol=2)
+        _atomic_png(fig, out / "fig14_stacking.png")
+        products["fig14"] = out / "fig14_stacking.png"
+
+        # Fig. 15: light curves
+        n = len(chosen)
+        if n:
+            ncol = 3
+            fig, axes = plt.subplots(-(-n // ncol), ncol, figsize=(11, 2.2 * -(-n // ncol)), squeeze=False)
+            info = table.set_index("source")
+            for ax, s in zip(axes.ravel(), chosen):
+                g = curves[curves["source"] == s]
+                ax.errorbar(g["mjd_mid"], g["mag"], g["magerr"], fmt=".", ms=2, lw=0.5,
+                            color="C3" if kind[int(s)] == "variable" else "C0")
+                ax.invert_yaxis()
+                row = info.loc[int(s)]
+                ax.set_title(f"{kind[int(s)]} {int(s)}: {row['mean_mag']:.2f} mag, std {row['std'] * 1000:.1f} "
+                             f"mmag, chi2/dof {row['chi2_dof']:.1f}", fontsize=7)
+                ax.tick_params(labelsize=6)
+                ax.set_xlabel("MJD", fontsize=6)
+            for ax in axes.ravel()[n:]:
+                ax.axis("off")
+            fig.tight_layout()
+            _atomic_png(fig, out / "fig15_lightcurves.png")
+            products["fig15"] = out / "fig15_lightcurves.png"
+
+    manifest = Manifest(out)
+    common = dict(telescope=sorted({str(v) for v in ds["telescope"].values}),
+                  filter=sorted({str(v) for v in ds["filter"].values}),
+                  night=sorted({str(v) for v in ds["night"].values}),
+                  inputs=[str(Path(lc_path).resolve())], config=to_dict(config))
+    kinds = {"precision": "precision_curve", "stacking": "stacking_curve", "variability": "variability_table",
+             "lightcurves": "light_curves", "fig12": "figure", "fig14": "figure", "fig15": "figure"}
+    for name, path in products.items():
+        manifest.add(kinds[name], path, **common, sources=report.sources, epochs=report.epochs)
+    manifest.record_run(argv, sources=report.sources, epochs=report.epochs)
+    with _writing(out, "the manifest"):
+        manifest.write()
+    report.products = [str(p) for p in products.values()]
+    report.seconds = time.perf_counter() - t0
+    return report
+
+__all__ += ["LightcurveReport", "PrecisionReport", "lightcurves", "precision"]
+
+
+# ----------------------------------------------------------------------------- coadd (STATIC multiple)
+@dataclass
+class CoaddReport:
+    """What ``coadd`` did: stacks made now or already there, stacks measured, depth per N,
+    exposures left out (no astrometric solution, flagged) and failures."""
+
+    out_dir: str
+    made: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    measured: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    flagged: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    depth: list[dict] = field(default_factory=list)
+    frame_seconds: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when no stack failed (skipped exposures and flagged stacks are data, not errors)."""
+        return not self.failed
+
+    def summary(self) -> str:
+        """Human-readable summary."""
+        lines = [f"coadd {self.out_dir}: {len(self.made)} stacks made, {len(self.already)} already done, "
+                 f"{len(self.measured)} measured, {len(self.skipped)} exposures skipped, {len(self.flagged)} "
+                 f"flagged, {len(self.failed)} failed in {self.seconds:.1f} s"
+                 + (f", median {sorted(self.frame_seconds)[len(self.frame_seconds) // 2]:.1f} s per input frame"
+                    if self.frame_seconds else "")]
+        for d in self.depth:
+            lines.append(f"  {d.get('stack', '')} N={d['n']:>3}: limiting magnitude (5 sigma) {d['limiting_mag']:.2f}"
+                         + (" (extrapolated)" if d.get("extrapolated") else "") + f", {d['n_sources']} sources")
+        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  SKIPPED {e}: {why}" for e, why in self.skipped]
+        lines += [f"  FLAGGED {e}: {why}" for e, why in self.flagged]
+        lines += [f"  FAILED {e}: {why}" for e, why in self.failed]
+        return "\n".join(lines)
+
+
+def _coadd_inputs(src: Path, catalogs) -> tuple[Path, Path, dict]:
+    """(CATDIR, reduced store, source_catalog manifest entry) from CATDIR or a reduced store."""
+    from .store import ReducedStore
+
+    if (src / "exposures.parquet").exists():
+        catdir = src
+    elif catalogs is not None:
+        catdir = Path(catalogs)
+        if not (catdir / "exposures.parquet").exists():
+            raise BadInputError(str(catdir), "no exposures.parquet: --catalogs must be the output folder of "
+                                             "`mstdask photometry`")
+    else:
+        ReducedStore.open(src, mode="r")  # a clear error when it is neither
+        raise BadInputError(str(src), "a reduced store holds no astrometric solutions: give the catalogue folder "
+                                      "of `mstdask photometry` (CATDIR) instead, or with --catalogs CATDIR")
+    man = Manifest(catdir)
+    entry = man.get("sources") or man.get("exposures.parquet") or {}
+    inputs = entry.get("inputs") or []
+    reduced = Path(src) if catalogs is not None else (Path(inputs[0]) if inputs else None)
+    if reduced is None:
+        raise BadInputError(str(catdir / "manifest.json"), "does not name the reduced store the catalogues were "
+                                                             "made from; give it: mstdask coadd REDUCED.zarr "
+                                                             f"--catalogs {catdir}")
+    ReducedStore.open(reduced, mode="r")
+    return catdir, reduced, entry
+
+
+def _coadd_frames(catdir: Path, reduced: Path, config, report: CoaddReport) -> list[list]:
+    """The usable exposures as CoaddFrame lists, one per (telescope, filter, field), by time."""
+    import math as _m
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from .coadd import CoaddFrame, wcs_from_text
+    from .config import PhotometryConfig
+    from .photometry import exposure_id
+    from .store import ReducedStore
+
+    recs = pq.read_table(catdir / "exposures.parquet").to_pylist()
+    red = ReducedStore.open(reduced, mode="r")
+    c = {name: red.coord(name) for name in ("reduced", "time", "telescope", "egain")}
+    index, seen = {}, set()
+    for i in np.flatnonzero(c["reduced"]):  # the exposure names `mstdask photometry` gave
+        exp = exposure_id(str(c["telescope"][i]), int(c["time"][i]))
+        if exp in seen:
+            exp = f"{exp}_{i}"
+        seen.add(exp)
+        index[exp] = int(i)
+    shape = tuple(int(v) for v in red.frame_shape)
+    groups: dict[tuple, list[dict]] = {}
+    for r in recs:
+        exp = str(r.get("exposure"))
+        if r.get("status") != "ok":
+            report.skipped.append((exp, f"status {r.get('status')}: {r.get('reason') or ''}".strip()))
+            continue
+        if not str(r.get("wcs") or "").strip():
+            report.skipped.append((exp, "no astrometric solution (wcs) in exposures.parquet"))
+            continue
+        if exp not in index:
+            report.skipped.append((exp, f"not in the reduced store {reduced}"))
+            continue
+        zp, bg, rms, t = (r.get(k) for k in ("zero_point", "background_adu", "background_rms_adu", "exptime"))
+        if not all(v is not None and _m.isfinite(v) for v in (zp, bg, rms, t)) or t <= 0 or rms <= 0:
+            report.skipped.append((exp, "zero point, sky level, sky rms or exposure time missing"))
+            continue
+        try:
+            w = wcs_from_text(r["wcs"], exp)
+        except Exception as exc:  # a header astropy cannot read: one exposure, not the run
+            report.skipped.append((exp, f"unreadable WCS ({exc})"))
+            continue
+        ra, dec = w.all_pix2world([(shape[1] - 1) / 2], [(shape[0] - 1) / 2], 0)
+        tm = r.get("time")
+        r = {**r, "index": index[exp], "ra_c": float(ra[0]), "dec_c": float(dec[0]),
+             "time_ns": int(tm.timestamp() * 1e9) if hasattr(tm, "timestamp") else int(tm or 0)}
+        groups.setdefault((str(r.get("telescope")), str(r.get("filter"))), []).append(r)
+    # fields: an exposure joins the first field whose centre is within half the short side
+    half = min(shape) / 2 * config.pixel_scale_arcsec / 3600
+    out = []
+    for key in sorted(groups):
+        fields: list[list[dict]] = []
+        for r in sorted(groups[key], key=lambda r: (r["time_ns"], str(r["exposure"]))):
+            for f in fields:
+                d = _m.hypot((r["ra_c"] - f[0]["ra_c"]) * _m.cos(_m.radians(f[0]["dec_c"])), r["dec_c"] - f[0]["dec_c"])
+                if d < half:
+                    f.append(r)
+                    break
+            else:
+                fields.append([r])
+        for rows in fields:
+            ref = rows[0]
+            frames = []
+            for r in rows:
+                scale = ref["exptime"] / r["exptime"] * 10 ** (0.4 * (ref["zero_point"] - r["zero_point"]))
+                noise = scale * r["background_rms_adu"]
+                g = c["egain"][r["index"]]
+                frames.append(CoaddFrame(
+                    str(r["exposure"]), str(r["wcs"]), shape, store=str(reduced), index=r["index"],
+                    weight=1.0 / noise**2 if config.weighting == "background" else 1.0, scale=float(scale),
+                    background=float(r["background_adu"]) if config.subtract_background else 0.0,
+                    noise=float(noise), gain=float(g) if np.isfinite(g) and g > 0 else PhotometryConfig().gain_e_per_adu,
+                    exptime=float(r["exptime"]), zero_point=float(r["zero_point"]), time=r["time_ns"]))
+            out.append((key, rows, frames))
+    return out
+
+
+def _write_png(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        _unlink(tmp)
+
+
+def coadd(catdir_or_reduced: str | os.PathLike, out_dir: str | os.PathLike, client, config=None,
+          progress: bool = True, argv: list[str] | None = None, *, catalogs: str | os.PathLike | None = None,
+          phot_config=None, astro_config=None) -> CoaddReport:
+    """Image stacks of N = 2, 4, ... consecutive exposures, their STATIC photometry and depth.
+
+    For every telescope, filter and field of ``CATDIR/exposures.parquet`` (exposures with
+    status ``ok`` and an astrometric solution; the others are skipped and reported), in
+    time order, the first N exposures for each N of ``config.n_stack`` are resampled onto a
+    TAN grid (covering the stack, at ``config.pixel_scale_arcsec``, north up) and combined
+    (:func:`mstdask.coadd.coadd`). Outputs in ``out_dir`` (all in ``manifest.json``):
+
+    - ``coadd_TEL_FILTER[_fieldK]_NNNN.zarr`` and ``.fits`` (SCI, WHT, CNT; WCS, NCOMBINE,
+      GAIN, EXPTIME, MAGZERO, IMCMBnnn, provenance): kind ``coadd``;
+    - ``stacks/<same name>_sources.parquet``: STATIC on each stack, kind ``coadd_catalog``;
+    - ``depth.parquet``: N, 5-sigma limiting magnitude, error-versus-magnitude bins, kind
+      ``coadd_depth`` (N = 1, the first exposure alone, is always made: the baseline);
+    - ``depth.png``: Fig. 13 (errors versus magnitude per N, depth versus N), kind ``figure``.
+
+    A rerun skips stacks (and their photometry) whose files exist with the same inputs and
+    configuration; a stack that fails is reported and the others go on.
+
+    Parameters
+    ----------
+    catdir_or_reduced : path
+        The output folder of ``mstdask photometry`` (CATDIR), or a reduced store with
+        ``catalogs=CATDIR``.
+    out_dir : path
+        COADDDIR.
+    client : distributed.Client
+    config : CoaddConfig, optional
+    catalogs : path, optional
+        CATDIR when the first argument is the reduced store.
+    phot_config, astro_config : optional
+        STATIC configuration of the stack photometry (default: CATDIR's).
+
+    Raises
+    ------
+    InsufficientDataError
+        No usable exposure in CATDIR.
+    """
+    import math as _m
+
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from . import __version__
+    from .coadd import coadd as lazy_coadd
+    from .coadd import depth_figure, depth_rows, fits_header, output_grid, stack_photometry_task, write_fits
+    from .config import AstrometryConfig, CoaddConfig, PhotometryConfig, RefcatConfig
+    from .errors import InsufficientDataError
+
+    config = config or CoaddConfig()
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    report = CoaddReport(out_dir=str(out.resolve()))
+    catdir, reduced, entry = _coadd_inputs(Path(catdir_or_reduced), catalogs)
+    check_writable(out, "the coadds")
+    _clear_temporaries(out)
+    cat_cfg = entry.get("config") or {}
+    phot_config = phot_config or PhotometryConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                     for k, v in (cat_cfg.get("photometry") or {}).items()})
+    astro_config = astro_config or AstrometryConfig(**(cat_cfg.get("astrometry") or {}))
+    refcat_cfg = RefcatConfig(**(cat_cfg.get("refcat") or {}))
+    refcat_path = (entry.get("inputs") or [None, None])[1] if len(entry.get("inputs") or []) > 1 else None
+    fields = _coadd_frames(catdir, reduced, config, report)
+    if not fields:
+        raise InsufficientDataError(f"{catdir}: no exposure to coadd (none with status ok and an astrometric "
+                                    f"solution; {len(report.skipped)} skipped); run `mstdask photometry` first")
+    cfg = {"coadd": to_dict(config), "photometry": to_dict(phot_config), "astrometry": to_dict(astro_config)}
+    manifest = Manifest(out)
+    depth: list[dict] = []
+    points: dict[int, tuple] = {}
+    (out / "stacks").mkdir(parents=True, exist_ok=True)
+    try:
+        for k_field, ((tel, filt), rows, frames) in enumerate(fields):
+            # N = 1 (the first exposure, resampled and measured the same way) is the baseline
+            ns = sorted({1} | {n for n in config.n_stack if n <= len(frames)})
+            too_many = [n for n in config.n_stack if n > len(frames)]
+            if too_many:
+                report.notes.append(f"{tel} {filt} field {k_field}: {len(frames)} exposures; N = "
+                                    f"{', '.join(map(str, too_many))} not made")
+            label = f"coadd_{tel}_{filt}" + (f"_field{k_field}" if k_field else "")
+            nights = sorted({str(r.get("night")) for r in rows[:max(ns)]})
+            for n in ns:
+                stack = frames[:n]
+                # each stack on the grid covering its own frames: STATIC on an image with wide
+                # empty margins (a grid made for more dithers) is needlessly fragile
+                grid = output_grid(stack, config.pixel_scale_arcsec)
+                name = f"{label}_N{n:03d}"
+                zpath, fpath = out / f"{name}.zarr", out / f"{name}.fits"
+                # the tiling does not change the coadd (tested), so it is not part of what it is made of
+                same = {k: v for k, v in cfg["coadd"].items() if k not in ("tile_px", "frames_per_task")}
+                sig = _signature("coadd", name, [f.exposure for f in stack], {**same, "grid": grid.header})
+                done = manifest.get(zpath)
+                if (done is not None and done.get("signature") == sig and (zpath / "zarr.json").is_file()
+                        and fpath.is_file()):
+                    report.already.append(name)
+                else:
+                    try:
+                        tc = time.perf_counter()
+                        manifest.remove(zpath)
+                        manifest.remove(fpath)
+                        ds = lazy_coadd(stack, grid, config)
+                        tmpz = out / f".{name}.zarr.tmp"
+                        shutil.rmtree(tmpz, ignore_errors=True)
+                        with _writing(out, f"the coadd {name}"):
+                            with warnings.catch_warnings():
+                                warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
+                                job = ds.to_zarr(str(tmpz), mode="w", compute=False, zarr_format=3)
+                            fut = client.compute(job, retries=TASK_RETRIES)
+                            with _bar(1, f"coadd {name}", progress, unit="stack") as bar:
+                                fut.result()
+                                bar.update()
+                            shutil.rmtree(zpath, ignore_errors=True)
+                            os.replace(tmpz, zpath)
+                            hdr = fits_header(ds.attrs, {"DATE": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())})
+                            hdr["HISTORY"] = f"mstdask {__version__} coadd of {n} exposures from {catdir.resolve()}"
+                            hdr["HISTORY"] = f"reduced store {Path(reduced).resolve()}"
+                            for chunk in _chunks(json.dumps(cfg["coadd"], sort_keys=True), 60):
+                                hdr["HISTORY"] = chunk
+                            tmpf = out / f".{name}.fits.tmp"
+                            client.submit(write_fits, str(zpath), str(tmpf), hdr, pure=False).result()
+                            os.replace(tmpf, fpath)
+                        common = dict(telescope=tel, filter=filt, night=nights, config=cfg,
+                                      inputs=[f.exposure for f in stack], ncombine=n, signature=sig,
+                                      catalogs=str(catdir.resolve()), reduced=str(Path(reduced).resolve()),
+                                      shape=list(grid.shape), combine=config.combine)
+                        manifest.add("coadd", zpath, format="zarr", **common)
+                        manifest.add("coadd", fpath, format="fits", extensions=["SCI", "WHT", "CNT", "FLG"], **common)
+                        with _writing(out, "the manifest"):
+                            manifest.write()
+                        report.made.append(name)
+                        report.frame_seconds.append((time.perf_counter() - tc) / n)
+                    except Exception as exc:
+                        if _stops_the_run(exc, [out]) or isinstance(exc, StoreError):
+                            raise
+                        report.failed.append((name, f"{type(exc).__name__}: {exc}"))
+                        continue
+                # STATIC on the stack
+                if refcat_path is None:
+                    report.notes.append(f"{name}: no reference catalogue named in {catdir}/manifest.json: "
+                                        "no stack photometry")
+                    continue
+                spath = out / "stacks" / f"{name}_sources.parquet"
+                psig = _signature("coadd_catalog", name, [sig], {"photometry": cfg["photometry"],
+                                                                 "astrometry": cfg["astrometry"]})
+                rec = None
+                if spath.exists():
+                    from .photometry import read_exposure_record
+
+                    try:
+                        rec = read_exposure_record(spath)
+                        if rec.get("signature") != psig:
+                            rec = None
+                    except Exception:
+                        rec = None
+                if rec is None:
+                    cw = grid.wcs
+                    ra0, dec0 = (float(v[0]) for v in cw.all_pix2world([(grid.shape[1] - 1) / 2],
+                                                                        [(grid.shape[0] - 1) / 2], 0))
+                    radius = _m.hypot(*grid.shape) / 2 * config.pixel_scale_arcsec / 3600 * 1.2
+                    meta = {"exposure": name, "time": int(stack[0].time), "night": nights[0], "telescope": tel,
+                            "filter": filt, "path": str(zpath),
+                            "mjd_mid": float(np.mean([f.time for f in stack]) / 86400e9 + 40587.0)}
+                    fut = client.submit(stack_photometry_task, str(zpath), str(spath), str(refcat_path), refcat_cfg,
+                                        ra0=ra0, dec0=dec0, radius_deg=radius, meta=meta, signature=psig,
+                                        config=phot_config, astro_config=astro_config, pure=False,
+                                        retries=1)
+                    try:
+                        with _bar(1, f"photometry {name}", progress, unit="stack") as bar:
+                            rec = fut.result()
+                            bar.update()
+                    except Exception as exc:
+                        if _stops_the_run(exc, [out]):
+                            raise _write_error(exc, out, "the stack catalogues") from None
+                        report.failed.append((name, f"photometry: {type(exc).__name__}: {exc}"))
+                        continue
+                    if rec.get("status") != "ok":
+                        report.flagged.append((name, rec.get("reason", "")))
+                        continue
+                    report.measured.append(name)
+                manifest.add("coadd_catalog", spath, telescope=tel, filter=filt, night=nights,
+                             inputs=[str(zpath.resolve())], config=cfg, ncombine=n, signature=psig,
+                             sources=int(rec.get("n_sources") or 0), zero_point=rec.get("zero_point"),
+                             noise_correlation=rec.get("noise_correlation"))
+                s = pq.read_table(spath, columns=["mag_aper", "magerr_aper", "flags", "extract_flags"]).to_pydict()
+                d = depth_rows(s, n, config.mag_bin, config.limit_snr)
+                depth.append({"telescope": tel, "filter": filt, "field": k_field, "stack": name, **d,
+                              "noise_correlation": rec.get("noise_correlation"), "gain_eff": rec.get("gain_eff"),
+                              "seeing_arcsec": rec.get("seeing_arcsec")})
+                if k_field == 0:
+                    points[n] = (np.asarray(s["mag_aper"]), np.asarray(s["magerr_aper"]))
+    finally:
+        if depth:
+            dpath = out / "depth.parquet"
+            df = pd.DataFrame(depth)
+            tmp = out / ".depth.parquet.tmp"
+            with _writing(out, "the depth table"):
+                df.to_parquet(tmp, index=False)
+                os.replace(tmp, dpath)
+            allk = dict(telescope=sorted({d["telescope"] for d in depth}), filter=sorted({d["filter"] for d in depth}),
+                        night=sorted({n for _, rows, _ in fields for n in (str(r.get("night")) for r in rows)}),
+                        config=cfg)
+            manifest.add("coadd_depth", dpath, inputs=sorted({str(d["stack"]) for d in depth}),
+                         columns=list(df.columns), **allk)
+            first_field = [d for d in depth if d["field"] == 0 and d["telescope"] == depth[0]["telescope"]
+                           and d["filter"] == depth[0]["filter"]]
+            fig = depth_figure(first_field, points, title=f"{depth[0]['telescope']} {depth[0]['filter']}: "
+                                                        "magnitude error of N-exposure stacks (Fig. 13)")
+            ppath = out / "depth.png"
+            with _writing(out, "the depth figure"):
+                _write_png(fig, ppath)
+            manifest.add("figure", ppath, inputs=[str(dpath.resolve())], figure="Fig. 13", **allk)
+            report.depth = depth
+        manifest.record_run(argv, made=len(report.made), already=len(report.already), failed=len(report.failed))
+        with _writing(out, "the manifest"):
+            manifest.write()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+__all__ += ["CoaddReport", "coadd"]

@@ -51,6 +51,28 @@ def write_frame(path: Path, data: np.ndarray, **header) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def static_night(client, tmp_path_factory):
+    """A simulated night (4 science frames, 900 x 1400) ingested, calibrated, reduced and
+    measured by `mstdask photometry`: ``(root, truth, rc)`` with ``root/raw``, ``root/raw.zarr``,
+    ``root/cal``, ``root/red/reduced.zarr`` and the catalogue folder ``root/cat``. Shared by
+    the photometry, coadd and light-curve tests (treat it as read-only)."""
+    from mstdask.cli import main
+    from mstdask.runner import calibrate, ingest, reduce
+    from mstdask.testing import write_survey
+
+    root = tmp_path_factory.mktemp("static")
+    truth = write_survey(root / "raw", nights=1, shape=(900, 1400), n_bias=5, n_flat=6, n_dark=3, n_science=4,
+                         n_ps_bias=30, track_probability=0.0, star_density=12000.0,
+                         mag_range=(11.0, 18.0), seed=21)
+    assert ingest([root / "raw"], root / "raw.zarr", client, progress=False).ok
+    assert calibrate(root / "raw.zarr", root / "cal", client, progress=False).ok
+    assert reduce(root / "raw.zarr", root / "cal", root / "red" / "reduced.zarr", client, progress=False).ok
+    rc = main(["photometry", str(root / "red" / "reduced.zarr"), "--refcat", str(truth.refcat_path),
+               "--out", str(root / "cat"), "--quiet", "--cluster", client.scheduler.address])
+    return root, truth, rc
+
+
 @pytest.fixture
 def frames(tmp_path):
     """Eight small good frames of one night (2 bias, 2 flats, 4 science) and their pixels."""

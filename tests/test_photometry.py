@@ -263,20 +263,8 @@ def test_real_huntsman_frame(tmp_path):
 
 # ----------------------------------------------------------------------------- the command
 @pytest.fixture(scope="module")
-def night(client, tmp_path_factory):
-    """A simulated night ingested, calibrated and reduced, then `mstdask photometry` on it."""
-    from mstdask.runner import calibrate, ingest, reduce
-
-    root = tmp_path_factory.mktemp("static")
-    truth = write_survey(root / "raw", nights=1, shape=(900, 1400), n_bias=5, n_flat=6, n_dark=3, n_science=4,
-                         n_ps_bias=30, track_probability=0.0, star_density=12000.0,
-                         mag_range=(11.0, 18.0), seed=21)
-    assert ingest([root / "raw"], root / "raw.zarr", client, progress=False).ok
-    assert calibrate(root / "raw.zarr", root / "cal", client, progress=False).ok
-    assert reduce(root / "raw.zarr", root / "cal", root / "red" / "reduced.zarr", client, progress=False).ok
-    rc = main(["photometry", str(root / "red" / "reduced.zarr"), "--refcat", str(truth.refcat_path),
-               "--out", str(root / "cat"), "--quiet", "--cluster", client.scheduler.address])
-    return root, truth, rc
+def night(static_night):
+    return static_night
 
 
 def test_cli_photometry_products(night):

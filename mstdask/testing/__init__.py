@@ -12,9 +12,12 @@ functions return ``(data, truth)`` like photutils' ``make_psf_model_image``:
 (dtype('uint16'), (200, 300))
 
 :func:`write_survey` writes whole nights (bias, twilight flats, science, darks and a
-100-bias "pepper & salt" sequence) and :func:`write_lab_set` the detector lab plan.
+100-bias "pepper & salt" sequence) and :func:`write_lab_set` the detector lab plan;
+:func:`write_catalogs` writes per-exposure source catalogues of constant and variable
+stars (a ``mstdask photometry`` folder) and :func:`simulate_cube` a light-curve cube.
 """
 
+from ._catalogs import CatalogTruth, simulate_cube, write_catalogs
 from ._camera import DEFAULT_FIELD, Camera, CameraModel, FrameTruth, PSTable, frame_checksum, make_camera
 from ._fits import IMAGETYP_SPELLINGS, SITE, fits_header, format_date_obs, format_dec, format_ra, write_fits
 from ._sky import (
@@ -31,6 +34,9 @@ from ._sky import (
 from ._survey import DEFAULT_FILTERS, LabTruth, SurveyTruth, write_lab_set, write_survey
 
 __all__ = [
+    "CatalogTruth",
+    "simulate_cube",
+    "write_catalogs",
     "BANDPASSES",
     "DEFAULT_FIELD",
     "DEFAULT_FILTERS",
