@@ -63,28 +63,16 @@ def mapping(wcs_out: Any, wcs_in: Any, box: tuple[int, int, int, int], step: int
         ``|d(xin, yin) / d(xout, yout)|``: input pixel area per output pixel.
     """
     y0, y1, x0, x1 = box
-    # one pixel of margin: sub-pixel samples reach half a pixel beyond the box
-    ny_, nx_ = _node_axis(y0 - 1, y1 + 1, step), _node_axis(x0 - 1, x1 + 1, step)
-    gx, gy = np.meshgrid(nx_, ny_)
-    # the nodes and one-pixel offsets (forward differences give the Jacobian)
-    px = np.concatenate([gx.ravel(), gx.ravel() + 1.0, gx.ravel()])
-    py = np.concatenate([gy.ravel(), gy.ravel(), gy.ravel() + 1.0])
-    ra, dec = wcs_out.all_pix2world(px, py, 0)
-    with np.errstate(all="ignore"):
-        # adaptive: every point is iterated on its own, so its result does not depend on the
-        # other points of the call (the tile), and different tilings give identical coadds
-        xi, yi = wcs_in.all_world2pix(ra, dec, 0, quiet=True, maxiter=50, tolerance=1e-6, adaptive=True)
-    xi, yi = xi.reshape(3, *gx.shape), yi.reshape(3, *gx.shape)
-    jac = np.abs((xi[1] - xi[0]) * (yi[2] - yi[0]) - (xi[2] - xi[0]) * (yi[1] - yi[0]))
+    ny0, nx0, xi0, yi0, jac = mapping_nodes(wcs_out, wcs_in, box, step)
     # bilinear interpolation of the node values at every pixel (exact at the nodes)
-    fy = (np.arange(y0, y1, dtype=np.float64) + offset[0] - ny_[0]) / step
-    fx = (np.arange(x0, x1, dtype=np.float64) + offset[1] - nx_[0]) / step
+    fy = (np.arange(y0, y1, dtype=np.float64) + offset[0] - ny0) / step
+    fx = (np.arange(x0, x1, dtype=np.float64) + offset[1] - nx0) / step
     coords = np.meshgrid(fy, fx, indexing="ij")
 
     def interp(v: Array) -> Array:
         return ndimage.map_coordinates(v, coords, order=1, mode="nearest", prefilter=False)
 
-    return interp(xi[0]), interp(yi[0]), interp(jac)
+    return interp(xi0), interp(yi0), interp(jac)
 
 
 # ----------------------------------------------------------------------------- resampling
@@ -164,8 +152,11 @@ def mapping_nodes(wcs_out: Any, wcs_in: Any, box: tuple[int, int, int, int], ste
     py = np.concatenate([gy.ravel(), gy.ravel(), gy.ravel() + 1.0])
     ra, dec = wcs_out.all_pix2world(px, py, 0)
     with np.errstate(all="ignore"):
+        # adaptive: every point is iterated on its own, so its result does not depend on the
+        # other points of the call (the tile), and different tilings give identical coadds
         xi, yi = wcs_in.all_world2pix(ra, dec, 0, quiet=True, maxiter=50, tolerance=1e-6, adaptive=True)
     xi, yi = xi.reshape(3, *gx.shape), yi.reshape(3, *gx.shape)
+    # the nodes and one-pixel offsets: forward differences give the Jacobian
     jac = np.abs((xi[1] - xi[0]) * (yi[2] - yi[0]) - (xi[2] - xi[0]) * (yi[1] - yi[0]))
     return int(ny_[0]), int(nx_[0]), np.ascontiguousarray(xi[0]), np.ascontiguousarray(yi[0]), jac
 
