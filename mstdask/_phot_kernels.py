@@ -189,9 +189,10 @@ def fill_masked(img: Array, fill: Array, usable: Array) -> tuple[Array, Array]:
     """Masked pixels replaced by the mean of their usable 8 neighbours (IRAF's fixpix).
 
     For scattered single pixels (pepper-and-salt, bad pixels, cosmic-ray hits) inside an
-    aperture this is far closer to the truth than scaling the sum up for the missing area,
-    which assumes the missing pixel holds the aperture's mean flux (a masked pixel in a star's
-    core would lose a large share of its light).
+    aperture this is closer to the truth than scaling the sum up for the missing area, which
+    assumes the missing pixel holds the aperture's mean flux: for the central pixel of a
+    star of FWHM 2.3 / 3 / 4 px the sum loses 8 / 3 / 1.4 % instead of 15 / 9 / 5 %; in the
+    wings both are within ~1 % (tested). A PSF-model fill would do better in the core.
 
     Parameters
     ----------

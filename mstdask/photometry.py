@@ -163,7 +163,7 @@ def measure_exposure(data: np.ndarray, mask: np.ndarray, refcat, *, exptime: flo
     sub = np.where(finite, data - back, 0.0).astype(np.float32)
     # scattered masked pixels (bad, pepper-and-salt, cosmic rays) take their neighbours' mean:
     # with ~3 % PS pixels most apertures hold one, and scaling a sum up for a missing core
-    # pixel is badly wrong; saturated pixels, tracks and pixels without data stay masked
+    # pixel loses about twice as much; saturated pixels, tracks and pixels without data stay masked
     fillable = ((mask & _FILL) != 0) & finite
     sub, unfilled = K.fill_masked(sub, fillable, ~bad_phot)
     bad_ap = (bad_phot & ~fillable) | unfilled
