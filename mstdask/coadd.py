@@ -608,14 +608,14 @@ def depth_figure(rows: list[dict[str, Any]], points: dict[int, tuple[np.ndarray,
     """Fig. 13 of the pipeline paper: median magnitude error versus magnitude for every N
     (dotted: the single-exposure curve divided by sqrt(N)), and the limiting magnitude
     versus N beside the background-limited expectation ``m1 + 1.25 log10 N``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # a bare Figure (no pyplot state): the caller's backend and open figures are left alone
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     rows = sorted(rows, key=lambda r: r["n"])
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    cmap = plt.get_cmap("viridis")
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax, bx = fig.subplots(1, 2)
+    cmap = colormaps["viridis"]
     base = next((r for r in rows if r["n"] == 1), None)
     for k, r in enumerate(rows):
         c = cmap(k / max(1, len(rows) - 1))

@@ -207,6 +207,27 @@ def _clear_temporaries(folder: Path, patterns: tuple[str, ...] = (".*.tmp", ".ma
                 _unlink(p)
 
 
+def _atomic_parquet(df, path: Path) -> None:
+    """A pandas table written under a temporary name, then renamed: never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        _unlink(tmp)
+
+
+def _write_png(fig, path: Path) -> None:
+    """A bare matplotlib ``Figure`` (no pyplot: the session's backend is left alone) as PNG,
+    written under a temporary name, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        _unlink(tmp)
+
+
 def ingest(inputs: Iterable[str | os.PathLike], store_path: str | os.PathLike, client,
            config: IngestConfig | None = None, progress: bool = True) -> IngestReport:
     """Ingest FITS files, folders or globs into a raw Zarr store, in parallel on ``client``.
@@ -1673,12 +1694,9 @@ def characterize(store_path: str | os.PathLike, out_dir: str | os.PathLike, clie
     def figure(number: int, what: str, fig, inputs: list[str]) -> None:
         # a bare matplotlib Figure (no pyplot): PNG through Agg whatever the session's backend
         fname = f"fig{number:02d}_{what}_{tel}.png"
-        tmp = out / f".{fname}.tmp"
         try:
-            fig.savefig(tmp, dpi=110, format="png")
-            os.replace(tmp, out / fname)
+            _write_png(fig, out / fname)
         except OSError as exc:
-            _unlink(tmp)
             if not _is_fs_error(exc):
                 raise
             raise _write_error(exc, out, f"figure {fname}") from None
@@ -1903,6 +1921,40 @@ def _write_exposure_table(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _exposure_frames(telescopes, times, reduced) -> dict[str, int]:
+    """The ``exposure`` name (:func:`mstdask.photometry.exposure_id`) of every reduced frame of
+    a store and its frame index; two exposures started in the same second get ``_INDEX``."""
+    import numpy as np
+
+    from .photometry import exposure_id
+
+    names: dict[str, int] = {}
+    for i in np.flatnonzero(reduced):
+        exp = exposure_id(str(telescopes[i]), int(times[i]))
+        names[f"{exp}_{i}" if exp in names else exp] = int(i)
+    return names
+
+
+def _ok_exposures(catdir: Path, skipped: list[tuple[str, str]]) -> list[dict]:
+    """The rows of ``CATDIR/exposures.parquet`` with status ok, with ``time_ns``; the others
+    are added to ``skipped`` with their status and reason."""
+    import pyarrow.parquet as pq
+
+    table_path = catdir / "exposures.parquet"
+    if not table_path.exists():
+        raise BadInputError(str(table_path), "no exposure table: CATDIR must be the output folder of "
+                                             "`mstdask photometry`")
+    out = []
+    for r in pq.read_table(table_path).to_pylist():
+        if r.get("status") != "ok":
+            skipped.append((str(r.get("exposure")), f"status {r.get('status')}: {r.get('reason') or ''}".strip()))
+            continue
+        t = r.get("time")
+        r["time_ns"] = int(t.timestamp() * 1e9) if hasattr(t, "timestamp") else int(t or 0)
+        out.append(r)
+    return out
+
+
 def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, out_dir: str | os.PathLike, client,
                config=None, astro_config=None, refcat_config=None, progress: bool = True,
                argv: list[str] | None = None) -> PhotometryReport:
@@ -1918,7 +1970,7 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
     import numpy as np
 
     from .config import AstrometryConfig, PhotometryConfig, RefcatConfig
-    from .photometry import SOURCE_COLUMNS, exposure_id, photometry_task, read_exposure_record
+    from .photometry import SOURCE_COLUMNS, photometry_task, read_exposure_record
     from .store import ReducedStore
 
     config = config or PhotometryConfig()
@@ -1934,15 +1986,9 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
     check_writable(out, "the catalogues")
     c = {name: red.coord(name) for name in ("reduced", "time", "night", "telescope", "filter", "exptime", "ra",
                                             "dec", "egain", "path")}
-    done = np.flatnonzero(c["reduced"])
     records: dict[str, dict] = {}
     futures, meta_of = [], {}
-    seen: set[str] = set()
-    for i in done:
-        exp = exposure_id(str(c["telescope"][i]), int(c["time"][i]))
-        if exp in seen:  # two exposures started in the same second
-            exp = f"{exp}_{i}"
-        seen.add(exp)
+    for exp, i in _exposure_frames(c["telescope"], c["time"], c["reduced"]).items():
         night = str(c["night"][i]) or "unknown"
         fpath = out / "sources" / night / f"{exp}.parquet"
         texp = float(c["exptime"][i])
@@ -2065,25 +2111,13 @@ class LightcurveReport:
 
 def _catalog_exposures(catdir: Path, report: LightcurveReport) -> list[dict]:
     """The ``ok`` exposures of a ``photometry`` output folder with their source files, by time."""
-    import pyarrow.parquet as pq
-
-    table_path = catdir / "exposures.parquet"
-    if not table_path.exists():
-        raise BadInputError(str(table_path), "no exposure table: CATDIR must be the output folder of "
-                                             "`mstdask photometry`")
-    recs = pq.read_table(table_path).to_pylist()
     out = []
-    for r in recs:
+    for r in _ok_exposures(catdir, report.skipped):
         exp = str(r.get("exposure"))
-        if r.get("status") != "ok":
-            report.skipped.append((exp, f"status {r.get('status')}: {r.get('reason') or ''}".strip()))
-            continue
         path = catdir / "sources" / str(r.get("night") or "unknown") / f"{exp}.parquet"
         if not path.exists():
             report.failed.append((exp, f"{path}: source file missing; run `mstdask photometry` again"))
             continue
-        t = r.get("time")
-        r["time_ns"] = int(t.timestamp() * 1e9) if hasattr(t, "timestamp") else int(t or 0)
         r["file"] = str(path.resolve())
         out.append(r)
     return sorted(out, key=lambda r: (r["time_ns"], r["exposure"]))
@@ -2315,21 +2349,6 @@ class PrecisionReport:
         return "\n".join(lines)
 
 
-def _atomic_parquet(df, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _atomic_png(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def precision(lc_path: str | os.PathLike, out_dir: str | os.PathLike, client, config=None,
               progress: bool = True, argv: list[str] | None = None) -> PrecisionReport:
     """Precision vs magnitude (Fig. 12), catalogue stacks (Fig. 14), light curves and
@@ -2340,13 +2359,11 @@ def precision(lc_path: str | os.PathLike, out_dir: str | os.PathLike, client, co
     One parallel pass over the cube (one task per source chunk, all epochs), then the small
     per-source table is binned. A rerun recomputes everything (one pass).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
     import pandas as pd
     from distributed import as_completed, futures_of
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     from .config import PrecisionConfig
     from .errors import InsufficientDataError
@@ -2391,7 +2408,7 @@ def precision(lc_path: str | os.PathLike, out_dir: str | os.PathLike, client, co
     report.top_variables = [int(s) for s in pick["variable"]]
     chosen = np.r_[pick["variable"], pick["constant"]].astype(np.int64)
     lc = ds[["mag", "magerr", "flags"]].isel(source=chosen)
-    lc = client.compute(lc).result() if len(chosen) else lc.load()
+    lc = client.compute(lc).result()
     kind = {int(s): "variable" for s in pick["variable"]} | {int(s): "constant" for s in pick["constant"]}
     curves = lc.to_dataframe()[["mag", "magerr", "flags"]].reset_index()
     curves["time"] = pd.to_datetime(curves["epoch"].map(dict(zip(ds["epoch"].values, ds["time"].values))))
@@ -2409,7 +2426,8 @@ def precision(lc_path: str | os.PathLike, out_dir: str | os.PathLike, client, co
         good = table[np.isfinite(table["std"])]
         grid = np.linspace(*config.mag_range, 300)
         th = theory_curve(grid, config)
-        fig, ax = plt.subplots(figsize=(7, 5))
+        fig = Figure(figsize=(7, 5))
+        ax = fig.subplots()
         ax.scatter(good["mean_mag"], good["std"], s=1, c="0.6", alpha=0.3, rasterized=True, label="sources")
         ax.plot(prec["mag_center"], prec["std_median"], "k-", lw=2, label="median std")
         ax.plot(prec["mag_center"], prec["robust_std_median"], "C1--", label="median 1.4826 MAD")
@@ -2425,13 +2443,14 @@ def precision(lc_path: str | os.PathLike, out_dir: str | os.PathLike, client, co
             ax.set_xlim(lo - 0.5, hi + 0.5)
             ax.set_ylim(max(1e-4, np.nanpercentile(good["std"], 0.5) / 2), min(2.0, np.nanmax(good["std"]) * 2))
         ax.legend(fontsize=7, loc="upper left")
-        _atomic_png(fig, out / "fig12_precision.png")
+        _write_png(fig, out / "fig12_precision.png")
         products["fig12"] = out / "fig12_precision.png"
 
         # Fig. 14: catalogue stacks
-        fig, ax = plt.subplots(figsize=(7, 5))
+        fig = Figure(figsize=(7, 5))
+        ax = fig.subplots()
         for j, (n, g) in enumerate(stack.groupby("n_stack")):
-            c = plt.cm.viridis(j / max(1, len(config.stack_n) - 1))
+            c = colormaps["viridis"](j / max(1, len(config.stack_n) - 1))
             ax.plot(g["mag_center"], g["scatter_median"], "-", color=c, label=f"N={n}")
             ax.plot(g["mag_center"], g["sqrt_n_expected"], ":", color=c, lw=0.8)
         ax.set(yscale="log", xlabel="mean magnitude", ylabel="std of N-epoch means (mag)",
@@ -2439,14 +2458,15 @@ def precision(lc_path: str | os.PathLike, out_dir: str | os.PathLike, client, co
         if len(good):
             ax.set_xlim(lo - 0.5, hi + 0.5)
         ax.legend(fontsize=7, ncol=2)
-        _atomic_png(fig, out / "fig14_stacking.png")
+        _write_png(fig, out / "fig14_stacking.png")
         products["fig14"] = out / "fig14_stacking.png"
 
         # Fig. 15: light curves
         n = len(chosen)
         if n:
             ncol = 3
-            fig, axes = plt.subplots(-(-n // ncol), ncol, figsize=(11, 2.2 * -(-n // ncol)), squeeze=False)
+            fig = Figure(figsize=(11, 2.2 * -(-n // ncol)))
+            axes = fig.subplots(-(-n // ncol), ncol, squeeze=False)
             info = table.set_index("source")
             for ax, s in zip(axes.ravel(), chosen):
                 g = curves[curves["source"] == s]
@@ -2461,7 +2481,7 @@ def precision(lc_path: str | os.PathLike, out_dir: str | os.PathLike, client, co
             for ax in axes.ravel()[n:]:
                 ax.axis("off")
             fig.tight_layout()
-            _atomic_png(fig, out / "fig15_lightcurves.png")
+            _write_png(fig, out / "fig15_lightcurves.png")
             products["fig15"] = out / "fig15_lightcurves.png"
 
     manifest = Manifest(out)
@@ -2555,30 +2575,18 @@ def _coadd_frames(catdir: Path, reduced: Path, config, report: CoaddReport) -> l
     import math as _m
 
     import numpy as np
-    import pyarrow.parquet as pq
 
     from .coadd import CoaddFrame, wcs_from_text
     from .config import PhotometryConfig
-    from .photometry import exposure_id
     from .store import ReducedStore
 
-    recs = pq.read_table(catdir / "exposures.parquet").to_pylist()
     red = ReducedStore.open(reduced, mode="r")
     c = {name: red.coord(name) for name in ("reduced", "time", "telescope", "egain")}
-    index, seen = {}, set()
-    for i in np.flatnonzero(c["reduced"]):  # the exposure names `mstdask photometry` gave
-        exp = exposure_id(str(c["telescope"][i]), int(c["time"][i]))
-        if exp in seen:
-            exp = f"{exp}_{i}"
-        seen.add(exp)
-        index[exp] = int(i)
+    index = _exposure_frames(c["telescope"], c["time"], c["reduced"])  # the names `photometry` gave
     shape = tuple(int(v) for v in red.frame_shape)
     groups: dict[tuple, list[dict]] = {}
-    for r in recs:
+    for r in _ok_exposures(catdir, report.skipped):
         exp = str(r.get("exposure"))
-        if r.get("status") != "ok":
-            report.skipped.append((exp, f"status {r.get('status')}: {r.get('reason') or ''}".strip()))
-            continue
         if not str(r.get("wcs") or "").strip():
             report.skipped.append((exp, "no astrometric solution (wcs) in exposures.parquet"))
             continue
@@ -2595,9 +2603,7 @@ def _coadd_frames(catdir: Path, reduced: Path, config, report: CoaddReport) -> l
             report.skipped.append((exp, f"unreadable WCS ({exc})"))
             continue
         ra, dec = w.all_pix2world([(shape[1] - 1) / 2], [(shape[0] - 1) / 2], 0)
-        tm = r.get("time")
-        r = {**r, "index": index[exp], "ra_c": float(ra[0]), "dec_c": float(dec[0]),
-             "time_ns": int(tm.timestamp() * 1e9) if hasattr(tm, "timestamp") else int(tm or 0)}
+        r = {**r, "index": index[exp], "ra_c": float(ra[0]), "dec_c": float(dec[0])}
         groups.setdefault((str(r.get("telescope")), str(r.get("filter"))), []).append(r)
     # fields: an exposure joins the first field whose centre is within half the short side
     half = min(shape) / 2 * config.pixel_scale_arcsec / 3600
@@ -2627,18 +2633,6 @@ def _coadd_frames(catdir: Path, reduced: Path, config, report: CoaddReport) -> l
                     exptime=float(r["exptime"]), zero_point=float(r["zero_point"]), time=r["time_ns"]))
             out.append((key, rows, frames))
     return out
-
-
-def _write_png(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        _unlink(tmp)
 
 
 def coadd(catdir_or_reduced: str | os.PathLike, out_dir: str | os.PathLike, client, config=None,
@@ -2838,10 +2832,8 @@ def coadd(catdir_or_reduced: str | os.PathLike, out_dir: str | os.PathLike, clie
         if depth:
             dpath = out / "depth.parquet"
             df = pd.DataFrame(depth)
-            tmp = out / ".depth.parquet.tmp"
             with _writing(out, "the depth table"):
-                df.to_parquet(tmp, index=False)
-                os.replace(tmp, dpath)
+                _atomic_parquet(df, dpath)
             allk = dict(telescope=sorted({d["telescope"] for d in depth}), filter=sorted({d["filter"] for d in depth}),
                         night=sorted({n for _, rows, _ in fields for n in (str(r.get("night")) for r in rows)}),
                         config=cfg)

@@ -18,7 +18,7 @@ from mstdask.masks import saturated
 from mstdask.photometry import SOURCE_COLUMNS, ExposureFlagged, measure_exposure
 from mstdask.refcat import Refcat, load_refcat, parse_columns
 from mstdask.cli import main
-from mstdask.testing import CameraModel, make_camera, make_star_catalog, write_survey
+from mstdask.testing import CameraModel, make_camera, make_star_catalog
 
 RA0, DEC0 = 150.0, 30.0
 
