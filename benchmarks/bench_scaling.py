@@ -15,12 +15,14 @@ W workers x 1 thread (``memory_limit`` 4 GiB):
 For every run: the wall time of ``calibrate`` and ``reduce`` (start-up of the cluster not
 counted), the peak resident memory of each worker and of the driver, the products checked
 identical between runs on the same night, and a Dask performance report (HTML) per step in
-``--reports``. It ends with per-frame costs and a projection to a 3000-exposure field.
+``--reports``. With ``--repeat N`` the strong-scaling runs alternate (1, 2, 1, 2, ...
+workers) N times and the medians are quoted: on a shared virtual machine one run varies by
+~10 %. It ends with per-frame costs and a projection to a 3000-exposure field.
 
 Run by hand (never in CI); ~20 min and ~11 GB of disk at the peak with the defaults::
 
     python benchmarks/bench_scaling.py [--bias 10 --flats 10 --science 8] [--workers 1,2] \\
-        [--workdir /tmp/mstdask_bench_scaling] [--reports scaling_reports]
+        [--repeat 3] [--workdir /tmp/mstdask_bench_scaling] [--reports scaling_reports]
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ def main() -> None:
     ap.add_argument("--flats", type=int, default=10)
     ap.add_argument("--science", type=int, default=8)
     ap.add_argument("--workers", default="1,2", help="worker counts, comma-separated (default 1,2)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="strong-scaling runs per worker count, alternating; medians are quoted")
     ap.add_argument("--workdir", default="/tmp/mstdask_bench_scaling")
     ap.add_argument("--reports", default="scaling_reports", help="folder for the Dask performance reports (HTML)")
     ap.add_argument("--phot-s", type=float, default=None,
@@ -149,11 +153,24 @@ def main() -> None:
                                        "flats": nf, "science": ns}
             print(f"{name} night: {len(irep.written)} frames, simulated {sim_s:.0f} s, ingested {ing_s:.0f} s",
                   flush=True)
+        runs: dict[int, list[dict]] = {w: [] for w in counts}
+        for k in range(args.repeat):
+            for w in counts:
+                shutil.rmtree(work / f"out_full_{w}", ignore_errors=True)
+                tag = f"strong_{w}w" + (f"_run{k + 1}" if args.repeat > 1 else "")
+                r = one_run(stores["full"], work / f"out_full_{w}", w, reports, tag)
+                runs[w].append(r)
+                print(f"strong, {w} workers, run {k + 1}: {r}", flush=True)
         for w in counts:
-            shutil.rmtree(work / f"out_full_{w}", ignore_errors=True)
-            r = one_run(stores["full"], work / f"out_full_{w}", w, reports, f"strong_{w}w")
-            result["strong"].append(r)
-            print(f"strong, {w} workers: {r}", flush=True)
+            rs = runs[w]
+            result["strong"].append({
+                "workers": w, "runs": len(rs),
+                "calibrate_s": round(float(np.median([r["calibrate_s"] for r in rs])), 1),
+                "reduce_s": round(float(np.median([r["reduce_s"] for r in rs])), 1),
+                "calibrate_runs_s": [r["calibrate_s"] for r in rs], "reduce_runs_s": [r["reduce_s"] for r in rs],
+                "frames_reduced": rs[0]["frames_reduced"],
+                "peak_worker_rss_MB": [max(v) for v in zip(*(r["peak_worker_rss_MB"] for r in rs))],
+                "peak_driver_rss_MB": max(r["peak_driver_rss_MB"] for r in rs)})
         shutil.rmtree(work / "out_share_1", ignore_errors=True)
         share = one_run(stores["share"], work / "out_share_1", 1, reports, "weak_1w")
         result["weak"] = [share, next(r for r in result["strong"] if r["workers"] == wmax)]

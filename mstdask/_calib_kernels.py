@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["clipped_mean", "in_strips", "moment_sums", "group_moments", "ps_from_moments"]
+__all__ = ["clipped_mean", "in_strips", "ps_stack", "ps_from_moments", "small_scale_stack"]
 
 
 def clipped_mean(stack: np.ndarray, sigma: float = 3.0, maxiters: int = 5) -> np.ndarray:
@@ -73,66 +73,84 @@ def in_strips(kernel, stack: np.ndarray, max_bytes: int, n_out: int | None = Non
     return out
 
 
-def moment_sums(block: np.ndarray, offset: float) -> np.ndarray:
-    """Per-pixel sum and sum of squares over axis 0 of a block of frames, frame by frame.
-
-    The streaming half of a one-pass mean/variance: partial sums of blocks of a few
-    frames add up to the sums over any number of frames, and only two float64 planes
-    are ever held.
+def small_scale_stack(stack: np.ndarray, bias: np.ndarray, window: int, sigma: float, maxiters: int,
+                      max_bytes: int) -> np.ndarray:
+    """Clipped mean of the small-scale flats of one tile of every flat of a night.
 
     Parameters
     ----------
-    block : ndarray, shape (n, ny, nx)
-    offset : float
-        Subtracted first, so float64 sums of squares keep their precision (the bias level).
+    stack : ndarray, shape (n, h + 2r, w + 2r)
+        Raw flats of one tile with a halo of ``r = window // 2`` pixels on each side
+        (the frame border already extended as the running median's border mode wants).
+    bias : ndarray, shape (h + 2r, w + 2r)
+        The master bias over the same pixels.
+    window : int
+        Side of the running median (the large-scale flat), odd.
+    sigma, maxiters : float, int
+        Of the clipped mean over the flats (:func:`clipped_mean`).
+    max_bytes : int
+        Strip budget of the clipped mean (:func:`in_strips`).
 
     Returns
     -------
-    ndarray of float64, shape (2, ny, nx): sums, sums of squares.
+    ndarray of float32, shape (h, w)
+        Each flat minus the bias, divided by its own running median (NaN where that is not
+        positive), combined over the flats.
     """
-    out = np.zeros((2,) + block.shape[1:], dtype=np.float64)
-    d = np.empty(block.shape[1:], dtype=np.float64)
-    for frame in block:
-        np.subtract(frame, offset, out=d, dtype=np.float64)
-        out[0] += d
-        d *= d
-        out[1] += d
-    return out
+    from ._median import running_median_tile
+
+    r = window // 2
+    n, ph, pw = stack.shape
+    ratios = np.empty((n, ph - 2 * r, pw - 2 * r), np.float32)
+    for i in range(n):
+        diff = stack[i].astype(np.float32) - bias
+        large = running_median_tile(diff, window)  # the valid (h, w) part only
+        tile = diff[r:ph - r, r:pw - r]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratios[i] = np.where(large > 0, tile / large, np.nan)
+    return in_strips(lambda t: clipped_mean(t, sigma, maxiters), ratios, max_bytes)
 
 
-def group_moments(stack: np.ndarray, groups: np.ndarray, n_groups: int, offset: float) -> np.ndarray:
-    """Per-group count, sum and sum of squares over axis 0, in one pass over the tile.
+def ps_stack(stack: np.ndarray, groups: np.ndarray, n_groups: int, offset: float, threshold: float) -> np.ndarray:
+    """Per-group and all-frame mean and std of a bias sequence, in one pass over its frames.
+
+    Count, sum and sum of squares of each group are accumulated frame by frame in float64
+    (the frames in their order, so the result does not depend on how the pixels are cut
+    into tiles or strips), then turned into means and stds by :func:`ps_from_moments`.
 
     Parameters
     ----------
     stack : ndarray, shape (n, ny, nx)
+        The bias frames (a tile or strip of them), in time order.
     groups : ndarray of int, shape (n,)
         Group of each frame, ``0 .. n_groups-1``.
     n_groups : int
     offset : float
         Subtracted before summing so the sums of squares keep their precision in float64
         (the bias level, ~500 ADU).
+    threshold : float
+        PS threshold in ADU (passed to :func:`ps_from_moments`).
 
     Returns
     -------
-    ndarray of float64, shape (n_groups, 3, ny, nx)
-        ``[:, 0]`` counts, ``[:, 1]`` sums, ``[:, 2]`` sums of squares.
+    ndarray of float32, shape (2 n_groups + 2, ny, nx)
+        Group means, group stds, the all-frame mean and the all-frame std.
     """
-    ny, nx = stack.shape[1:]
-    out = np.zeros((n_groups, 3, ny, nx), dtype=np.float64)
-    for g in range(n_groups):
-        sel = np.flatnonzero(groups == g)
-        if sel.size == 0:
-            continue
-        d = stack[sel].astype(np.float64) - offset
-        out[g, 0] = sel.size
-        out[g, 1] = d.sum(axis=0)
-        out[g, 2] = np.einsum("ijk,ijk->jk", d, d)
-    return out
+    groups = np.asarray(groups)
+    moments = np.zeros((n_groups, 3) + stack.shape[1:], dtype=np.float64)
+    moments[:, 0] = np.bincount(groups, minlength=n_groups)[:, None, None]
+    d = np.empty(stack.shape[1:], dtype=np.float64)
+    for frame, g in zip(stack, groups):
+        np.subtract(frame, offset, out=d, dtype=np.float64)
+        moments[g, 1] += d
+        d *= d
+        moments[g, 2] += d
+    res = ps_from_moments(moments, threshold, offset)
+    return np.concatenate([res["group_mean"], res["group_std"], res["mean"][None], res["std"][None]])
 
 
 def ps_from_moments(moments: np.ndarray, threshold: float, offset: float) -> dict[str, np.ndarray]:
-    """Per-group mean and std, and the pepper-and-salt decision, from :func:`group_moments`.
+    """Per-group mean and std, and the pepper-and-salt decision, from per-group moments.
 
     Parameters
     ----------
@@ -140,7 +158,7 @@ def ps_from_moments(moments: np.ndarray, threshold: float, offset: float) -> dic
     threshold : float
         A pixel is PS in a group when its std over that group's frames exceeds this (ADU).
     offset : float
-        The offset used by :func:`group_moments`.
+        The offset subtracted before the sums were taken.
 
     Returns
     -------

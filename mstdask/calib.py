@@ -2,11 +2,16 @@
 pixels, master flats (saturated pixels: :func:`mstdask.masks.saturated`) (Xiao et al. 2025 section 3.1; Zhang et al. 2025 sections 3.1-3.2).
 
 Every function takes frames from a raw store (``mstdask.open_store``) and returns lazy
-results; nothing here computes. Stack reductions are rechunked explicitly to ``frame=-1``
+results; nothing here computes. Stack reductions are chunked explicitly to ``frame=-1``
 with the stored spatial tiles (split only beyond ``CalibConfig.stack_bytes``,
 :func:`mstdask.store.rechunk_for_stack`) and run the pure NumPy kernels of
-:mod:`mstdask._calib_kernels` one tile per task, in row strips of ``CalibConfig.tile_bytes``;
-the PS moments stream over blocks of ``CalibConfig.stream_frames`` frames instead.
+:mod:`mstdask._calib_kernels` one tile per task, in row strips of ``CalibConfig.tile_bytes``.
+
+Frames may come as Dask arrays (``open_store(path)``, one frame per chunk: the stacks are
+rechunks, which on a cluster move each tile's pieces between the workers that read them)
+or lazy but not yet in Dask (``open_store(path, chunks=None)``, what ``mstdask calibrate``
+uses): then every task reads its own tile of all its frames from the store and nothing
+passes between workers. The results are identical.
 """
 
 from __future__ import annotations
@@ -81,21 +86,6 @@ def _stack_reduce(frames: xr.DataArray, kernel, config: CalibConfig, n_out: int 
     return da.map_blocks(run, arr, chunks=chunks, dtype=dtype, meta=np.empty((0, 0, 0), dtype))
 
 
-def _stream_moments(frames: xr.DataArray, offset: float, block_frames: int) -> da.Array:
-    """Lazy per-pixel (sum, sum of squares) over all ``frames``, ``(2, y, x)`` float64.
-
-    Each task reads ``block_frames`` frames of one stored tile and returns their partial
-    sums; the partials are added in a tree. Memory per task does not depend on the number
-    of frames, and each stored tile is decoded once.
-    """
-    arr = frames.data.rechunk({0: block_frames})
-    nb = len(arr.chunks[0])
-    parts = da.map_blocks(lambda b: K.moment_sums(b, offset)[None], arr, new_axis=1,
-                          chunks=((1,) * nb, (2,), arr.chunks[1], arr.chunks[2]), dtype=np.float64,
-                          meta=np.empty((0, 0, 0, 0), np.float64))
-    return parts.sum(axis=0, split_every=8)
-
-
 def master_bias(bias: xr.DataArray, config: CalibConfig | None = None) -> xr.DataArray:
     """Master bias of one telescope and night: the sigma-clipped mean (or median) of its bias frames.
 
@@ -124,12 +114,12 @@ def master_bias(bias: xr.DataArray, config: CalibConfig | None = None) -> xr.Dat
 
 
 def ps_map(bias: xr.DataArray, config: CalibConfig | None = None) -> xr.Dataset:
-    """Pepper-and-salt pixels from one night's bias sequence, in a single streaming pass.
+    """Pepper-and-salt pixels from one night's bias sequence, in a single pass.
 
     The first ``ps_frames`` bias frames in time are split into ``ps_groups`` consecutive,
-    non-overlapping groups; one pass over each tile gives every group's per-pixel count,
-    sum and sum of squares, hence per-group mean and std, the all-frame mean and std, and
-    the PS decision (std > ``ps_threshold_adu``) per group. The final map is the
+    non-overlapping groups; one pass over each tile of all of them gives every group's
+    per-pixel count, sum and sum of squares, hence per-group mean and std, the all-frame
+    mean and std, and the PS decision (std > ``ps_threshold_adu``) per group. The final map is the
     intersection of the groups (Xiao et al. 2025, section 3.1.3).
 
     Returns
@@ -146,19 +136,17 @@ def ps_map(bias: xr.DataArray, config: CalibConfig | None = None) -> xr.Dataset:
     groups = np.concatenate([np.full(len(part), g) for g, part in enumerate(np.array_split(np.arange(n), G))])
     offset = 500.0  # near the bias level, so float64 sums of squares keep their precision
     counts = np.bincount(groups, minlength=G)
-    # one streaming pass per group (groups are consecutive runs of frames in time)
-    sums = da.stack([_stream_moments(frames.isel(frame=np.flatnonzero(groups == g)), offset, config.stream_frames)
-                     for g in range(G)])  # (group, 2, y, x)
+    threshold = config.ps_threshold_adu
+    # one task per tile holds that tile of every frame (as the other stacks) and streams the
+    # group sums over them in row strips of tile_bytes: no partial sums to gather
+    arr = rechunk_for_stack(frames, config.stack_bytes).data
 
-    def finish(m):
-        moments = np.concatenate([np.broadcast_to(counts[:, None, None, None].astype(np.float64),
-                                                  (G, 1) + m.shape[2:]), m], axis=1)
-        res = K.ps_from_moments(moments, config.ps_threshold_adu, offset)
-        return np.concatenate([res["group_mean"], res["group_std"], res["mean"][None], res["std"][None]])
+    def run(tile):
+        return K.in_strips(lambda t: K.ps_stack(t, groups, G, offset, threshold), tile, config.tile_bytes,
+                           2 * G + 2, np.float32)
 
-    sums = sums.rechunk({0: -1, 1: -1})
-    out = da.map_blocks(finish, sums, drop_axis=1, chunks=((2 * G + 2,), sums.chunks[2], sums.chunks[3]),
-                        dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
+    out = da.map_blocks(run, arr, chunks=((2 * G + 2,), arr.chunks[1], arr.chunks[2]), dtype=np.float32,
+                        meta=np.empty((0, 0, 0), np.float32))
     gstd = out[G:2 * G]
     ds = xr.Dataset(
         {
@@ -242,9 +230,11 @@ def nearest_night(night: str, available: list[str]) -> str:
 def flat_levels(flats: xr.DataArray, bias: xr.DataArray) -> xr.DataArray:
     """Lazy median level of each bias-subtracted flat (on a 4x-subsampled grid: a level
     check, not a product), used to leave out under- and over-exposed flats."""
-    sub = flats[:, ::4, ::4].astype(np.float32) - bias[::4, ::4]
-    levels = da.map_blocks(lambda b: np.median(b.reshape(b.shape[0], -1), axis=1),
-                           sub.data.rechunk({0: 1, 1: -1, 2: -1}), drop_axis=(1, 2), dtype=np.float64)
+    # one task per flat reads every 4th pixel of it (a Dask input is rechunked to that)
+    sub = (flats[:, ::4, ::4].chunk({"frame": 1, "y": -1, "x": -1}).data.astype(np.float32)
+           - bias.data[::4, ::4].rechunk(-1))
+    levels = da.map_blocks(lambda b: np.median(b.reshape(b.shape[0], -1), axis=1), sub, drop_axis=(1, 2),
+                           dtype=np.float64)
     return xr.DataArray(levels, dims=("frame",), coords={"path": flats["path"]}, name="level")
 
 
@@ -266,10 +256,11 @@ def nightly_small_scale_flat(flats: xr.DataArray, bias: xr.DataArray, config: Ca
                              mode: str = "reflect") -> xr.DataArray:
     """One night's small-scale flat: the clipped mean of its flats' small-scale flats.
 
-    Each flat is bias-subtracted and divided by its own 51-px running median, one task per
-    frame and stored tile with a 25-px halo (``map_overlap``; identical to the whole-frame
-    median, borders included), then the frames are combined tile by tile (``frame=-1``
-    stack reduction, rechunked explicitly).
+    Each flat is bias-subtracted and divided by its own 51-px running median, then the
+    frames are combined pixel by pixel. One task per spatial tile holds that tile of every
+    flat (``frame=-1``, chunked explicitly) with a 25-px halo on each side
+    (``dask.array.overlap``), so the running median equals the whole-frame median exactly,
+    borders included, and the per-frame ratios never leave the task.
 
     Returns
     -------
@@ -277,28 +268,26 @@ def nightly_small_scale_flat(flats: xr.DataArray, bias: xr.DataArray, config: Ca
     """
     config = config or CalibConfig()
     check_frames(flats, "flat", config.min_frames, "nightly small-scale flat")
-    from ._median import dask_boundary, running_median_tile
+    from ._median import dask_boundary
 
     window = config.flat_window_px
     r = window // 2
-    b = bias.data.astype(np.float32).rechunk(flats.data.chunks[1:])
-    diff = flats.data.astype(np.float32) - b[None]
+    # budget: the raw stack plus its float32 copy and ratios
+    raw = rechunk_for_stack(flats, config.stack_bytes, itemsize=flats.dtype.itemsize + 8).data
+    # a tile narrower than the halo is merged with its neighbour (small frames only)
+    tiles = tuple(da.overlap.ensure_minimum_chunksize(max(r, 1), c) for c in raw.chunks[1:])
+    raw = raw.rechunk((-1,) + tiles)
+    edge = dask_boundary(mode)
+    depth, boundary = {0: 0, 1: r, 2: r}, {0: "none", 1: edge, 2: edge}
+    padded = da.overlap.overlap(raw, depth=depth, boundary=boundary)
+    bpad = da.overlap.overlap(bias.data.astype(np.float32).rechunk(tiles)[None], depth=depth, boundary=boundary)
 
-    def ratio(block):
-        # one frame of one tile with an r-pixel halo on each side; map_overlap trims the halo
-        tile = block[0]
-        large = running_median_tile(tile, window, keep_shape=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(large > 0, tile / large, np.nan).astype(np.float32)[None]
+    def run(stack, bias_tile):
+        return K.small_scale_stack(stack, bias_tile[0], window, config.clip_sigma, config.clip_maxiters,
+                                   config.tile_bytes)
 
-    # the running median needs only a 25-px halo: each (frame, tile) is its own task, no
-    # task ever holds a whole frame, and the result equals the whole-frame median exactly
-    # (map_overlap merges tiles narrower than the halo by itself)
-    per_frame = da.map_overlap(ratio, diff, depth={0: 0, 1: r, 2: r},
-                               boundary={0: "none", 1: dask_boundary(mode), 2: dask_boundary(mode)},
-                               dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
-    ssf = xr.DataArray(per_frame, dims=flats.dims, coords=flats.coords)
-    out = _stack_reduce(ssf, lambda t: K.clipped_mean(t, config.clip_sigma, config.clip_maxiters), config)
+    out = da.map_blocks(run, padded, bpad, drop_axis=0, chunks=tiles, dtype=np.float32,
+                        meta=np.empty((0, 0), np.float32))
     return xr.DataArray(out, dims=("y", "x"), name="small_scale_flat", attrs={
         "ncombine": int(flats.sizes["frame"]), "window_px": window, "mode": mode,
         "inputs": [str(p) for p in flats["path"].values]})

@@ -640,7 +640,9 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
 
     config = config or CalibConfig()
     t0 = time.perf_counter()
-    ds = open_store(store_path)  # a missing store is an error before anything is written
+    # lazy, not in Dask: each stack task reads its tile of all its frames itself (no transfers
+    # between workers); a missing store is an error before anything is written
+    ds = open_store(store_path, chunks=None)
     out = check_writable(out_dir, "the calibrations")
     _clear_temporaries(out)  # FITS and manifest temporaries of a killed run
     report = CalibReport(out_dir=str(out.resolve()))
@@ -714,16 +716,46 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
 
     biases: dict[tuple[str, str], tuple[xr.DataArray, str]] = {}
     nightly: dict[tuple[str, str], dict[str, tuple[list[str], str]]] = {}
+    # Master biases and PS masks need nothing made before them: each is submitted as soon as
+    # its step comes and written once computed, while the workers go on with the next steps
+    # (no idle workers while the driver writes, no idle worker at the end of each step).
+    # Products are still written one at a time by the driver; a PS mask may be written after
+    # products of later steps, the master biases always before the steps that use them.
+    pending: list[tuple[str, list, object]] = []  # (kind, futures, write(results)) in step order
+
+    def submit(kind: str, objs: list, write) -> None:
+        pending.append((kind, client.compute(objs, retries=TASK_RETRIES), write))
+
+    def finish(ready_only: bool = False, biases_only: bool = False) -> None:
+        """Write submitted products: all of them, those computed already, or as many as
+        needed for every master bias to be written."""
+        while pending:
+            if ready_only and not all(f.done() for f in pending[0][1]):
+                return
+            if biases_only and all(kind != "master_bias" for kind, _, _ in pending):
+                return
+            _, futures, write = pending.pop(0)
+            write(client.gather(futures))
+            bar.update()
+
     with _bar(len(steps), "calibrate", progress, unit="step") as bar:
         for step in steps:
             tel, night, filt, key = step.telescope, step.night, step.filter, step.key
             bar.set_postfix_str(f"{step.kind} {key}", refresh=False)
             frames = ds.raw.isel(frame=list(step.frames))
             keys = frame_keys[list(step.frames)]
+            if step.kind in ("bad_pixel_mask", "small_scale_flat"):
+                finish(biases_only=True)  # these read the master biases written before them
             if step.kind == "master_bias":
                 sig = _signature(step.kind, key, keys, cfg)
+
+                def bias_written(tel=tel, night=night, key=key, sig=sig) -> None:
+                    # later steps read the written master back (lazily) instead of recomputing its graph
+                    biases[(tel, night)] = (xr.open_zarr(zpath, group=f"master_bias/{key}")["master_bias"], sig)
+
                 if (done := _done_product(manifest, out, step.kind, key, sig)) is not None:
                     report.already.append(done)
+                    bias_written()
                 else:
                     try:
                         mb = calib.master_bias(frames, config)
@@ -731,11 +763,16 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
                         report.skipped.append((f"master_bias {key}", str(exc)))
                         bar.update()
                         continue
-                    save("master_bias", key, gather(mb.data), {}, telescope=tel, night=night,
-                         inputs=mb.attrs["inputs"], method=f"{config.bias_combine} of bias frames",
-                         params={"clip_sigma": config.clip_sigma}, extra_hdr={"BUNIT": "adu"}, signature=sig)
-                # later steps read the written master back (lazily) instead of recomputing its graph
-                biases[(tel, night)] = (xr.open_zarr(zpath, group=f"master_bias/{key}")["master_bias"], sig)
+
+                    def write_bias(res, tel=tel, night=night, key=key, sig=sig, mb=mb, done=bias_written) -> None:
+                        save("master_bias", key, res[0], {}, telescope=tel, night=night,
+                             inputs=mb.attrs["inputs"], method=f"{config.bias_combine} of bias frames",
+                             params={"clip_sigma": config.clip_sigma}, extra_hdr={"BUNIT": "adu"}, signature=sig)
+                        done()
+
+                    submit("master_bias", [mb.data], write_bias)
+                    finish(ready_only=True)
+                    continue
             elif step.kind == "ps_mask":
                 sig = _signature(step.kind, key, keys, cfg)
                 if (done := _done_product(manifest, out, step.kind, key, sig)) is not None:
@@ -744,18 +781,25 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
                     try:
                         ps = calib.ps_map(frames, config)
                         summ = calib.ps_summary(ps)
-                        ps_np, frac, agree, std = gather([ps["ps"].data, summ["fraction"].data,
-                                                          summ["agreement"].data, ps["std"].data])
                     except MstdaskError as exc:
                         report.skipped.append((f"ps_mask {tel}", str(exc)))
                     else:
-                        save("ps_mask", key, flag(ps_np, Flag.PEPPER_SALT), {"std": (("y", "x"), std)},
-                             telescope=tel, night=night, inputs=ps.attrs["inputs"], signature=sig,
-                             method=f"std over {ps.attrs['nframes']} bias > {config.ps_threshold_adu} ADU in all "
-                                    f"{config.ps_groups} groups", params={"ps_threshold": config.ps_threshold_adu},
-                             extra_hdr={"PSFRAC": (float(frac), "fraction of PS pixels"),
-                                        "PSAGREE": (float(np.nanmin(agree)), "min agreement between groups")},
-                             entry_extra={"ps_fraction": float(frac), "group_agreement": [float(a) for a in agree]})
+                        def write_ps(res, tel=tel, night=night, key=key, sig=sig, ps=ps) -> None:
+                            ps_np, frac, agree, std = res
+                            save("ps_mask", key, flag(ps_np, Flag.PEPPER_SALT), {"std": (("y", "x"), std)},
+                                 telescope=tel, night=night, inputs=ps.attrs["inputs"], signature=sig,
+                                 method=f"std over {ps.attrs['nframes']} bias > {config.ps_threshold_adu} ADU in "
+                                        f"all {config.ps_groups} groups",
+                                 params={"ps_threshold": config.ps_threshold_adu},
+                                 extra_hdr={"PSFRAC": (float(frac), "fraction of PS pixels"),
+                                            "PSAGREE": (float(np.nanmin(agree)), "min agreement between groups")},
+                                 entry_extra={"ps_fraction": float(frac),
+                                              "group_agreement": [float(a) for a in agree]})
+
+                        submit("ps_mask", [ps["ps"].data, summ["fraction"].data, summ["agreement"].data, ps["std"].data],
+                               write_ps)
+                        finish(ready_only=True)
+                        continue
             elif step.kind == "bad_pixel_mask":
                 try:
                     bias_night, bias, bias_sig = bias_for(tel, night, f"bad_pixel_mask {key}", report.notes)
@@ -783,7 +827,9 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
             else:  # master_flat
                 _master_flat(step, config, cfg, gather, save, manifest, out, report, zpath,
                              nightly.setdefault((tel, filt), {}))
+            finish(ready_only=True)
             bar.update()
+        finish()
     manifest.record_run(argv, products=len(report.products), already=len(report.already),
                         skipped=len(report.skipped))
     with _writing(out, "the manifest"):

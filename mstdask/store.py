@@ -34,6 +34,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import xarray as xr
 import zarr
+from xarray.backends import BackendArray
+from xarray.core import indexing
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from . import __version__
@@ -362,6 +364,38 @@ def write_frame(store_path: str, index: int, info: FrameInfo) -> dict:
     return {"index": index, "path": info.path, "bytes": int(data.nbytes)}
 
 
+class _RawFrames(BackendArray):
+    """The ``raw`` array of a store for xarray's lazy indexing (``open_store(chunks=None)``).
+
+    Reads each frame with a basic Zarr slice: that decodes only the tiles asked for, where
+    Zarr's orthogonal selection (what ``open_zarr`` uses for a list of frames) decoded whole
+    shards, 10-30x slower. Holds only the path, so it pickles to workers and every read
+    task opens the array itself.
+    """
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+
+    def __getitem__(self, key):
+        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.OUTER, self._read)
+
+    def _read(self, key: tuple) -> np.ndarray:
+        arr = zarr.open_array(self.path, path="raw", mode="r", zarr_format=3)
+        fsel, ysel, xsel = key
+        if isinstance(fsel, (int, np.integer)):
+            return arr[int(fsel), ysel, xsel]
+        frames = np.arange(self.shape[0])[fsel]
+        if len(frames) == 0:
+            return arr[0:0, ysel, xsel]
+        out = None
+        for k, i in enumerate(frames):  # one frame at a time: a frame's tiles are one shard
+            plane = arr[int(i), ysel, xsel]
+            if out is None:
+                out = np.empty((len(frames), *plane.shape), dtype=self.dtype)
+            out[k] = plane
+        return out
+
+
 def open_store(path: str | os.PathLike, *, include_pending: bool = False,
                chunks: dict | str | None = "auto") -> xr.Dataset:
     """Open a raw store lazily as an :class:`xarray.Dataset`.
@@ -375,7 +409,10 @@ def open_store(path: str | os.PathLike, *, include_pending: bool = False,
     chunks : dict, "auto" or None
         ``"auto"`` keeps the on-disk tiles (one frame, one tile per Dask chunk), which suits
         per-frame work; stack reductions rechunk to ``frame=-1`` with spatial tiles
-        themselves, explicitly.
+        themselves, explicitly. ``None``: lazy but not yet in Dask; the stack reductions
+        of :mod:`mstdask.calib` then read each tile of all their frames in one task
+        (:func:`rechunk_for_stack`), with no transfer between workers; use ``.chunk()``
+        for anything else.
 
     Returns
     -------
@@ -384,6 +421,10 @@ def open_store(path: str | os.PathLike, *, include_pending: bool = False,
     """
     store = RawStore.open(path, mode="r")
     ds = _quiet(xr.open_zarr, str(path), chunks={} if chunks == "auto" else chunks, zarr_format=3)
+    if chunks is None:
+        raw = ds["raw"]
+        ds["raw"] = xr.Variable(raw.dims, indexing.LazilyIndexedArray(
+            _RawFrames(str(Path(path).resolve()), raw.shape, raw.dtype)), attrs=raw.attrs, encoding=raw.encoding)
     # Per-frame coordinates are small: hold them in memory (read with zarr, not Dask) so
     # selections like ds.sel(frame=ds.imagetyp == "bias") need no computation.
     coords = {name: ("frame", store.coord(name)) for name in COORDS}
@@ -465,17 +506,43 @@ def stack_tiles(n_frames: int, frame_shape: tuple[int, int], base_tile: tuple[in
     return best
 
 
-def rechunk_for_stack(raw: xr.DataArray, budget_bytes: int) -> xr.DataArray:
-    """Rechunk a ``(frame, y, x)`` array to ``frame=-1`` with spatial tiles (explicitly).
+def stored_tile(raw: xr.DataArray) -> tuple[int, int]:
+    """The spatial tile of ``raw``: its Dask chunks, or for a lazy array not yet in Dask
+    (``open_store(..., chunks=None)``) the on-disk tile; the whole frame when neither is known."""
+    if raw.chunks is not None:
+        return raw.chunks[raw.get_axis_num("y")][0], raw.chunks[raw.get_axis_num("x")][0]
+    pref = raw.encoding.get("preferred_chunks") or {}
+    return int(pref.get("y", raw.sizes["y"])), int(pref.get("x", raw.sizes["x"]))
+
+
+def rechunk_for_stack(raw: xr.DataArray, budget_bytes: int, itemsize: int | None = None) -> xr.DataArray:
+    """Chunk a ``(frame, y, x)`` array as ``frame=-1`` with spatial tiles (explicitly).
 
     This is the access pattern of every stack reduction (master bias, PS map, flats):
     each task holds one tile of all frames, so memory is bounded by ``budget_bytes``
     whatever the frame size, and tasks never need each other.
+
+    Two kinds of input, one result:
+
+    * a lazy array not yet in Dask (``open_store(path, chunks=None).raw`` and selections
+      of it): each task reads its tile of every frame from the store itself. Nothing
+      passes between workers; this is what ``mstdask calibrate`` uses.
+    * a Dask array (``open_store(path).raw``: one frame per chunk): a rechunk, which on a
+      cluster gathers each tile's frames from the workers that read them.
+
+    Parameters
+    ----------
+    raw : DataArray (frame, y, x)
+    budget_bytes : int
+        Most bytes of one task's stack (frames x tile pixels x ``itemsize``).
+    itemsize : int, optional
+        Bytes per pixel and frame to budget for (default: the array's itemsize); larger
+        when the task holds float copies of the stack.
     """
     ny, nx = raw.sizes["y"], raw.sizes["x"]
-    # tiles divide the current chunks: for store data those are the on-disk tiles
-    base = (ny, nx) if raw.chunks is None else (raw.chunks[1][0], raw.chunks[2][0])
-    ty, tx = stack_tiles(raw.sizes["frame"], (ny, nx), base, raw.dtype.itemsize, budget_bytes)
+    # tiles divide the stored tiles, so every stored tile is decoded by one task only
+    ty, tx = stack_tiles(raw.sizes["frame"], (ny, nx), stored_tile(raw), itemsize or raw.dtype.itemsize,
+                         budget_bytes)
     return raw.chunk({"frame": -1, "y": ty, "x": tx})
 
 

@@ -90,11 +90,11 @@ def test_ps_map_recovers_telegraph_pixels(camera, bias100):
     clean = ~truth & ~camera.bad_pixel_map
     ratio = ps["std"].values[clean] / camera.bias_std_map[clean]
     assert abs(np.median(ratio) - 1) < 0.03
-    # tiles do not change anything
-    # neither tiles nor the streaming block size change anything beyond float64 summation order
-    other = calib.ps_map(bias100.chunk({"y": 40, "x": 60}), CalibConfig(stream_frames=7)).compute()
-    xr.testing.assert_allclose(other, ps, rtol=1e-6, atol=1e-4)
-    np.testing.assert_array_equal(other["ps"].values, ps["ps"].values)
+    # neither tiles nor row strips change a bit: each pixel's sums run over its frames in order
+    small = CalibConfig(stack_bytes=2**20, tile_bytes=2**20)
+    assert calib.ps_map(bias100, small)["std"].data.npartitions > 1
+    other = calib.ps_map(bias100.chunk({"y": 40, "x": 60}), small).compute()
+    xr.testing.assert_identical(other, ps)
 
 
 def test_bad_pixels_from_darks(camera, bias100):
@@ -129,3 +129,48 @@ def test_nearest_night():
     assert calib.nearest_night("2023-01-20", ["2023-01-19", "2023-01-21"]) == "2023-01-19"
     with pytest.raises(InsufficientDataError):
         calib.nearest_night("2023-01-20", [])
+
+
+def test_store_frames_read_per_task_give_identical_calibrations(client, tmp_path):
+    """``open_store(chunks=None)`` (what ``mstdask calibrate`` uses: every stack task reads its
+    own tile of all its frames, no rechunk, nothing moves between workers) and
+    ``open_store()`` (one frame per Dask chunk, rechunked to stacks) give bit-identical master
+    bias, PS map, bad pixels, flat levels and small-scale flat; the lazy reads return the
+    stored pixels for any selection."""
+    from mstdask.config import IngestConfig, StoreLayout
+    from mstdask.runner import ingest
+    from mstdask.store import open_store, rechunk_for_stack
+    from mstdask.testing import write_survey
+
+    write_survey(tmp_path / "fits", nights=1, shape=(130, 170), n_bias=5, n_ps_bias=30, n_dark=3, n_flat=5,
+                 n_science=0, seed=4)
+    store = tmp_path / "s.zarr"
+    assert ingest([tmp_path / "fits"], store, client, IngestConfig(layout=StoreLayout(tile=64)),
+                  progress=False).ok
+    lazy, dsk = open_store(store, chunks=None), open_store(store)
+    assert lazy.raw.chunks is None and dsk.raw.chunks[1][0] == 65 and dsk.raw.chunks[2][0] == 85
+    sel = dict(frame=[7, 0, 3], y=slice(None, None, 4), x=slice(5, 100))
+    np.testing.assert_array_equal(lazy.raw.isel(**sel).values, dsk.raw.isel(**sel).values)
+    assert lazy.raw[2, 60:70, 80:90].values.tolist() == dsk.raw[2, 60:70, 80:90].values.tolist()
+    assert lazy.raw.isel(frame=[]).values.shape == (0, 130, 170)
+
+    # the lazy stacks read the store in the stack tasks themselves: no rechunk in the graph
+    stack = rechunk_for_stack(lazy.raw, 2**30).data
+    assert stack.chunks[1][0] == 65 and not any("rechunk" in name for name in stack.__dask_graph__().layers)
+    assert any("rechunk" in name for name in rechunk_for_stack(dsk.raw, 2**30).data.__dask_graph__().layers)
+
+    config = CalibConfig()
+    results = []
+    for ds in (lazy, dsk):
+        typ = ds.imagetyp.values
+        bias = ds.raw.isel(frame=np.flatnonzero(typ == "bias"))
+        flats = ds.raw.isel(frame=np.flatnonzero(typ == "flat"))
+        mb = calib.master_bias(bias.isel(frame=slice(0, 5)), config)
+        ps = calib.ps_map(bias, config)
+        bad = calib.bad_pixel_map(ds.raw.isel(frame=np.flatnonzero(typ == "dark")), mb, config)
+        results.append(dask.compute(mb.data, ps["ps"].data, ps["std"].data, bad["bad"].data,
+                                    calib.flat_levels(flats, mb).data,
+                                    calib.nightly_small_scale_flat(flats, mb, config).data))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    assert results[0][1].any() and results[0][3].any()  # the simulated PS and bad pixels are found
