@@ -4,7 +4,7 @@ One simulated night (``mstdask.testing.write_survey``: 10 bias, 20 twilight flat
 the 100-frame pepper-and-salt bias sequence, no science) is written once and used for three
 measurements, each beside a peer measured in the same run on the same frames:
 
-1. **Master bias of the 10 nightly bias frames**: ``mstdask.calib.master_bias`` (3-sigma
+1. **Master bias of the 10 nightly bias frames**: ``mstdask.stir.calib.master_bias`` (3-sigma
    clipped mean, median centre, up to 5 iterations) on the frames of the ingested store,
    computed on the cluster (time from graph submission to the NumPy result), against
    ``ccdproc.combine`` (average, 3-sigma clip with ``np.ma.median``/``np.ma.std``) on
@@ -12,7 +12,7 @@ measurements, each beside a peer measured in the same run on the same frames:
    ``np.median`` over the in-memory stack). The mstdask master is checked against an
    astropy ``sigma_clip`` reference and a pure-NumPy clipped mean on a cut-out.
 2. **PS map of the 100-frame bias sequence** (12 GB of raw pixels):
-   ``mstdask.calib.ps_map`` + ``ps_summary`` on the cluster, peak RSS per worker, against
+   ``mstdask.stir.calib.ps_map`` + ``ps_summary`` on the cluster, peak RSS per worker, against
    ``numpy.std`` over an in-memory cut-out stack (100 x cutout x cutout), extrapolated to
    the full frame by pixel count (a full in-memory stack would need 12 GB as uint16, 49 GB as
    float64). The PS map is checked against the simulator's truth map and the std against
@@ -175,7 +175,7 @@ def night(fits_dir: Path, store: Path, out: Path, workers: int) -> dict:
 
 # ----------------------------------------------------------------------------- 1. master bias
 def bias_mstdask(store: Path, workers: int):
-    from mstdask.calib import master_bias
+    from mstdask.stir.calib import master_bias
 
     with cluster(workers) as (client, pids):
         frames = store_frames(store, "nightly")
@@ -208,7 +208,7 @@ def bias_ccdproc(paths: list[str], mem_limit: float):
 
 # ----------------------------------------------------------------------------- 2. PS map
 def ps_mstdask(store: Path, workers: int, cut: tuple[slice, slice]):
-    from mstdask.calib import ps_map, ps_summary
+    from mstdask.stir.calib import ps_map, ps_summary
 
     with cluster(workers) as (client, pids):
         frames = store_frames(store, "ps")

@@ -8,7 +8,7 @@ like ``mstdask reduce``'s (for mstdask) and as FITS + a weight map (0 on masked 
 SWarp). Both programs resample onto the *same* TAN grid (mstdask's, given to SWarp as
 ``coadd.head``) and combine with inverse-variance weights:
 
-* ``mstdask``: :func:`mstdask.coadd.coadd` (bilinear, mean), on a LocalCluster of 1 worker x 1
+* ``mstdask``: :func:`mstdask.stacks.coadd.coadd` (bilinear, mean), on a LocalCluster of 1 worker x 1
   thread (``--workers``), written to Zarr; peak RSS of the worker sampled every 50 ms;
 * ``SWarp`` (``/usr/bin/SWarp``): ``RESAMPLING_TYPE BILINEAR`` and ``LANCZOS3``,
   ``COMBINE_TYPE WEIGHTED``, ``WEIGHT_TYPE MAP_WEIGHT``, ``NTHREADS 1``, ``SUBTRACT_BACK N``;
@@ -195,7 +195,7 @@ def run_swarp(tmp: Path, frames: list[dict], grid, resampling: str) -> dict:
 
 def run_mstdask(tmp: Path, frames: list[dict], grid, workers: int, resampling: str = "bilinear",
                 name: str = "mstdask") -> dict:
-    from mstdask.coadd import CoaddFrame, coadd
+    from mstdask.stacks.coadd import CoaddFrame, coadd
     from mstdask.config import CoaddConfig
 
     cfg = CoaddConfig(resampling=resampling)
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     from scipy.spatial import cKDTree
 
     import mstdask
-    from mstdask.coadd import CoaddFrame, output_grid
+    from mstdask.stacks.coadd import CoaddFrame, output_grid
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_coadd_", dir=args.tmp))
     rec: dict = {"frames": args.frames, "shape": list(SHAPE), "cpu": cpu_model(), "nproc": os.cpu_count(),

@@ -6,7 +6,7 @@ plus a short flat ladder and a few darks so ``characterize`` can run end to end)
 written as FITS in batches, each batch ingested into a store and its FITS files removed
 (244 full frames are 30 GB of FITS; the store keeps ~65 % of that). Then:
 
-1. **Per-pixel maps**: ``mstdask.detector.frame_moments`` (bias) + ``pixel_gain`` (flats)
+1. **Per-pixel maps**: ``mstdask.lab.detector.frame_moments`` (bias) + ``pixel_gain`` (flats)
    on the store, computed on a fresh LocalCluster (N workers x 1 thread, ``memory_limit``
    4 GiB): time from graph submission to the NumPy maps and medians, peak RSS per worker and
    of the driver (which receives the two float32 maps).
@@ -107,7 +107,7 @@ def simulate_and_ingest(work: Path, shape: tuple[int, int], n_bias: int, n_flats
 
 # ----------------------------------------------------------------------------- 1. mstdask maps
 def maps_mstdask(store: Path, workers: int, cut: tuple[slice, slice]):
-    from mstdask import detector as D
+    from mstdask.lab import detector as D
     from mstdask.config import DetectorConfig
     from mstdask.store import open_store
 

@@ -15,7 +15,7 @@ throughput of building a cube from Parquet catalogues.
       for every source, the light curves and the three figures).
 
     Wall time and the peak RSS of each worker are measured. The peer is NumPy: the same
-    statistics written with sorts (:func:`mstdask._lc_kernels.block_statistics`) on a
+    statistics written with sorts (:func:`mstdask.lightcurves._lc_kernels.block_statistics`) on a
     ``--peer-sources`` slice in this process, extrapolated to the cube on two cores; the
     compiled kernel is timed on the same slice for the per-core comparison.
 
@@ -83,7 +83,7 @@ def main() -> None:
     import xarray
     import zarr
 
-    from mstdask import _lc_kernels as K
+    from mstdask.lightcurves import _lc_kernels as K
     from mstdask import __version__
     from mstdask.config import LightcurveConfig, PrecisionConfig
     from mstdask.lightcurves import open_cube, precision_table, source_statistics, stacking_table

@@ -1,4 +1,4 @@
-"""Running-median benchmark: mstdask._median.running_median against scipy.ndimage.median_filter.
+"""Running-median benchmark: mstdask.stir._median.running_median against scipy.ndimage.median_filter.
 
 Times the exact 51 x 51 running median (the large-scale-flat smoothing of the MST pipeline) on
 one full-size simulated twilight flat (6388 x 9576 float32: 20000 ADU x smooth vignetting x
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     import scipy
     import scipy.ndimage as ndi
 
-    from mstdask._median import _DEFAULT_TILE, running_median
+    from mstdask.stir._median import _DEFAULT_TILE, running_median
 
     shape = tuple(args.shape)
     npix = shape[0] * shape[1]

@@ -71,8 +71,8 @@ def simulate(work: Path, seed: int, shape: tuple[int, int] | None = None) -> dic
 
 
 def run_mstdask(sim: dict, work: Path) -> tuple[float, dict]:
-    from mstdask.photometry import measure_exposure
-    from mstdask.refcat import load_refcat
+    from mstdask.static.photometry import measure_exposure
+    from mstdask.static.refcat import load_refcat
 
     ref = load_refcat(work / "refcat.csv", None, "g")
     t = time.perf_counter()

@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the store (a later run reuses it)")
     args = ap.parse_args()
 
-    from mstdask import calib
+    from mstdask.stir import calib
     from mstdask.runner import ingest
     from mstdask.store import open_store
     from mstdask.testing import write_survey

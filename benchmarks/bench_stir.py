@@ -2,7 +2,7 @@
 
 For each simulated science frame (``mstdask.testing``: stars of a 10000 per square degree
 catalogue, sky, pepper & salt, bad pixels, three satellite tracks of 4-40 sigma per pixel,
-cosmic rays at the given rate), the kernels of ``mstdask._stir_kernels`` are timed one
+cosmic rays at the given rate), the kernels of ``mstdask.stir._stir_kernels`` are timed one
 after the other, as one task runs them:
 
 * ``reduce_frame`` ((raw - bias) / flat, the camera's truth bias and small-scale flat);
@@ -154,7 +154,7 @@ def cr_scores(crmask: np.ndarray, frame: dict) -> dict:
 def run_frame(frame: dict, repeat: int, peers: bool) -> dict:
     import dataclasses
 
-    from mstdask._stir_kernels import detect_cosmic_rays, detect_tracks, estimate_background, reduce_frame
+    from mstdask.stir._stir_kernels import detect_cosmic_rays, detect_tracks, estimate_background, reduce_frame
     from mstdask.config import StirConfig
 
     cfg = StirConfig()

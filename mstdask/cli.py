@@ -260,7 +260,7 @@ def _preflight(args: argparse.Namespace) -> None:
             raise BadInputError(args.refcat, "reference catalogue not found; check --refcat")
         check_writable(Path(args.out).parent, "the light-curve cube")
     elif args.command == "precision":
-        from .lightcurves import CubeStore
+        from .lightcurves.cube import CubeStore
 
         CubeStore.open(args.cube, mode="r")
         check_writable(args.out, "the precision products")
@@ -336,7 +336,7 @@ def _run(inputs: list, out, args: argparse.Namespace, config: IngestConfig, argv
          refcat=None, refcat_columns: str | None = None) -> int:
     """The main job (``run`` and ``demo``) on the cluster the options ask for."""
     from .cluster import connect
-    from .refcat import parse_columns
+    from .static.refcat import parse_columns
     from .runner import run_pipeline
 
     rcfg = parse_columns(refcat_columns) if refcat is not None else None
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "photometry":
             from .config import AstrometryConfig
-            from .refcat import parse_columns
+            from .static.refcat import parse_columns
             from .runner import photometry
 
             acfg = AstrometryConfig(distortion_order=args.distortion_order,

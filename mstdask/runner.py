@@ -543,7 +543,7 @@ def _calib_steps(cols: dict, config) -> list[_CalStep]:
     with darks, then per filter the nightly small-scale flats and the master flats."""
     import numpy as np
 
-    from . import calib
+    from .stir import calib
 
     tel_all, typ, night, filt = (_strs(cols[k]) for k in ("telescope", "imagetyp", "night", "filter"))
     times = np.asarray(cols["time"])
@@ -632,7 +632,7 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
     import numpy as np
     import xarray as xr
 
-    from . import calib
+    from .stir import calib
     from .config import CalibConfig
     from .io import write_product
     from .masks import Flag, flag
@@ -844,7 +844,7 @@ def _small_scale_flat(step: _CalStep, flats, keys, config, cfg: dict, bias_for, 
     import numpy as np
     import xarray as xr
 
-    from . import calib
+    from .stir import calib
 
     tel, filt, night, key = step.telescope, step.filter, step.night, step.key
     notes: list[str] = []
@@ -886,7 +886,7 @@ def _master_flat(step: _CalStep, config, cfg: dict, gather, save, manifest: Mani
     """The master flat of one night: the nightly small-scale flats of the nights around it."""
     import xarray as xr
 
-    from . import calib
+    from .stir import calib
 
     tel, filt, night, key = step.telescope, step.filter, step.night, step.key
     use = calib.flat_window_nights(night, sorted(nightly), config)
@@ -954,7 +954,7 @@ def _reduce_work(raw: RawStore, red, caldir, calib_config, report: ReduceReport)
     """
     import numpy as np
 
-    from .stir import find_calibrations
+    from .stir.frame import find_calibrations
     from .store import _REDUCED_COPY
 
     imagetyp, done = raw.coord("imagetyp"), raw.coord("ingested")
@@ -1059,7 +1059,7 @@ def _reduce_frames(red, raw: RawStore, coords: dict, todo: list, new: list, stor
     import numpy as np
     from distributed import as_completed
 
-    from .stir import process_frame
+    from .stir.frame import process_frame
     from .store import _REDUCED_COPY
 
     if todo:  # unfinished slots of an earlier run: record the calibrations used this time
@@ -1333,7 +1333,7 @@ def plan_ingest(inputs: Iterable[str | os.PathLike], store_path: str | os.PathLi
 def _calib_plan(table: dict, shape, tile, out: Path, config) -> Plan:
     import numpy as np
 
-    from . import calib
+    from .stir import calib
 
     steps = _calib_steps(table, config)
     cfg = to_dict(config)
@@ -1612,7 +1612,7 @@ def characterize(store_path: str | os.PathLike, out_dir: str | os.PathLike, clie
     from distributed import as_completed
 
     from . import __version__
-    from . import detector as D
+    from .lab import detector as D
     from .config import DetectorConfig
     from .errors import InsufficientDataError
     from .io import write_product
@@ -1951,7 +1951,7 @@ def _write_exposure_table(path: Path, records: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .photometry import EXPOSURE_SCHEMA
+    from .static.photometry import EXPOSURE_SCHEMA
 
     cast = {"string": str, "int64": int, "float64": float, "timestamp": int}
     cols = {}
@@ -1972,7 +1972,7 @@ def _exposure_frames(telescopes, times, reduced) -> dict[str, int]:
     a store and its frame index; two exposures started in the same second get ``_INDEX``."""
     import numpy as np
 
-    from .photometry import exposure_id
+    from .static.photometry import exposure_id
 
     names: dict[str, int] = {}
     for i in np.flatnonzero(reduced):
@@ -2016,7 +2016,7 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
     import numpy as np
 
     from .config import AstrometryConfig, PhotometryConfig, RefcatConfig
-    from .photometry import SOURCE_COLUMNS, photometry_task, read_exposure_record
+    from .static.photometry import SOURCE_COLUMNS, photometry_task, read_exposure_record
     from .store import ReducedStore
 
     config = config or PhotometryConfig()
@@ -2172,7 +2172,7 @@ def _catalog_exposures(catdir: Path, report: LightcurveReport) -> list[dict]:
 def _catalog_refcat(catdir: Path, refcat_path, filt: str | None, report: LightcurveReport):
     """The reference catalogue ``photometry`` used (from CATDIR/manifest.json), or ``refcat_path``."""
     from .config import RefcatConfig
-    from .refcat import load_refcat
+    from .static.refcat import load_refcat
 
     cfg: dict = {}
     if refcat_path is None:
@@ -2214,9 +2214,9 @@ def lightcurves(catdir: str | os.PathLike, out_path: str | os.PathLike, client, 
     import numpy as np
     from distributed import as_completed
 
-    from . import _lc_kernels as LK
+    from .lightcurves import _lc_kernels as LK
     from .config import LightcurveConfig
-    from .lightcurves import CubeStore, match_task, write_task
+    from .lightcurves.cube import CubeStore, match_task, write_task
 
     t0 = time.perf_counter()
     catdir, out = Path(catdir), Path(out_path)
@@ -2413,7 +2413,7 @@ def precision(lc_path: str | os.PathLike, out_dir: str | os.PathLike, client, co
 
     from .config import PrecisionConfig
     from .errors import InsufficientDataError
-    from .lightcurves import (open_cube, precision_table, select_light_curves, source_statistics, stacking_table,
+    from .lightcurves.cube import (open_cube, precision_table, select_light_curves, source_statistics, stacking_table,
                               theory_curve)
 
     t0 = time.perf_counter()
@@ -2622,7 +2622,7 @@ def _coadd_frames(catdir: Path, reduced: Path, config, report: CoaddReport) -> l
 
     import numpy as np
 
-    from .coadd import CoaddFrame, wcs_from_text
+    from .stacks.coadd import CoaddFrame, wcs_from_text
     from .config import PhotometryConfig
     from .store import ReducedStore
 
@@ -2728,8 +2728,8 @@ def coadd(catdir_or_reduced: str | os.PathLike, out_dir: str | os.PathLike, clie
     import pyarrow.parquet as pq
 
     from . import __version__
-    from .coadd import coadd as lazy_coadd
-    from .coadd import depth_figure, depth_rows, fits_header, output_grid, stack_photometry_task, write_fits
+    from .stacks.coadd import coadd as lazy_coadd
+    from .stacks.coadd import depth_figure, depth_rows, fits_header, output_grid, stack_photometry_task, write_fits
     from .config import AstrometryConfig, CoaddConfig, PhotometryConfig, RefcatConfig
     from .errors import InsufficientDataError
 
@@ -2830,7 +2830,7 @@ def coadd(catdir_or_reduced: str | os.PathLike, out_dir: str | os.PathLike, clie
                                                                  "astrometry": cfg["astrometry"]})
                 rec = None
                 if spath.exists():
-                    from .photometry import read_exposure_record
+                    from .static.photometry import read_exposure_record
 
                     try:
                         rec = read_exposure_record(spath)

@@ -1,4 +1,4 @@
-"""Astrometry of the STATIC step (mstdask.astrometry) against known truth.
+"""Astrometry of the STATIC step (mstdask.static.astrometry) against known truth.
 
 Simulated frames come from ``mstdask.testing``: the camera's true TAN-SIP WCS has an injected
 4th-order distortion (``sip_corner_px``), stars come from ``make_star_catalog``. Positions
@@ -18,8 +18,8 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from conftest import HUNTSMAN, need_shared
-from mstdask import _astrometry_kernels as K
-from mstdask.astrometry import AstrometrySolution, pixel_scale_from_header, pointing_from_header, solve, strip_wcs
+from mstdask.static import _astrometry_kernels as K
+from mstdask.static.astrometry import AstrometrySolution, pixel_scale_from_header, pointing_from_header, solve, strip_wcs
 from mstdask.config import AstrometryConfig
 from mstdask.errors import BadInputError, ConfigError, InsufficientDataError
 from mstdask.testing import CameraModel, make_camera, make_star_catalog

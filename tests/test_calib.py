@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from mstdask import calib
-from mstdask._calib_kernels import clipped_mean
+from mstdask.stir import calib
+from mstdask.stir._calib_kernels import clipped_mean
 from mstdask.config import CalibConfig
 from mstdask.errors import BadInputError, InsufficientDataError
 from mstdask.masks import Flag, describe_flags, saturated

@@ -13,8 +13,8 @@ import pytest
 from astropy.io import fits
 from scipy.special import erf
 
-from mstdask import _coadd_kernels as K
-from mstdask.coadd import CoaddFrame, coadd, noise_correlation, output_grid
+from mstdask.stacks import _coadd_kernels as K
+from mstdask.stacks.coadd import CoaddFrame, coadd, noise_correlation, output_grid
 from mstdask.config import CoaddConfig
 from mstdask.errors import BadInputError, ConfigError
 from mstdask.testing import CameraModel, make_camera, make_wcs

@@ -15,8 +15,8 @@ from astropy.io import fits
 from astropy.stats import sigma_clip
 from scipy.stats import chi2
 
-from mstdask import _detector_kernels as K
-from mstdask import detector as D
+from mstdask.lab import _detector_kernels as K
+from mstdask.lab import detector as D
 from mstdask.config import DetectorConfig
 from mstdask.errors import ConfigError, InsufficientDataError
 from mstdask.testing import CameraModel, fits_header, make_camera, write_fits, write_lab_set

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.ndimage as ndi
 
-from mstdask import calib
+from mstdask.stir import calib
 from mstdask.config import CalibConfig
 from mstdask.testing import CameraModel, make_camera
 
@@ -95,7 +95,7 @@ def test_tiled_small_scale_flat_equals_whole_frame_definition():
 
     b = xr.DataArray(da.from_array(bias), dims=("y", "x"))
     whole = np.stack([calib.small_scale_flat(f.astype(np.float32) - bias, 51) for f in flats])
-    from mstdask import _calib_kernels as K
+    from mstdask.stir import _calib_kernels as K
 
     expected = K.clipped_mean(whole, config.clip_sigma, config.clip_maxiters)
     for chunks in ({"y": 65, "x": 85}, {"y": 65, "x": 34}, {"y": 40, "x": 60}, {"y": -1, "x": -1}):

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from scipy.spatial import cKDTree
 
-from mstdask import _lc_kernels as K
+from mstdask.lightcurves import _lc_kernels as K
 from mstdask.config import LightcurveConfig, PrecisionConfig
 from mstdask.lightcurves import CubeStore, open_cube, precision_table, source_statistics, stacking_table
 from mstdask.runner import lightcurves, precision

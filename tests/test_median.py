@@ -1,4 +1,4 @@
-"""mstdask._median: the exact running median equals scipy.ndimage.median_filter, bit for bit."""
+"""mstdask.stir._median: the exact running median equals scipy.ndimage.median_filter, bit for bit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from mstdask._median import SUPPORTED_MODES, dask_boundary, running_median, running_median_tile
+from mstdask.stir._median import SUPPORTED_MODES, dask_boundary, running_median, running_median_tile
 
 RNG = np.random.default_rng(20261120)
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from mstdask import _phot_kernels as K
+from mstdask.static import _phot_kernels as K
 from mstdask.config import PhotometryConfig
 from mstdask.masks import saturated
-from mstdask.photometry import SOURCE_COLUMNS, ExposureFlagged, measure_exposure
-from mstdask.refcat import Refcat, load_refcat, parse_columns
+from mstdask.static.photometry import SOURCE_COLUMNS, ExposureFlagged, measure_exposure
+from mstdask.static.refcat import Refcat, load_refcat, parse_columns
 from mstdask.cli import main
 from mstdask.testing import CameraModel, make_camera, make_star_catalog
 
@@ -273,7 +273,7 @@ def test_real_huntsman_frame(tmp_path):
                       parse_columns("ra=raj2000,dec=dej2000,mag={filter}_psf,mag_err=e_{filter}_psf"), "g")
     from mstdask.config import AstrometryConfig
 
-    from mstdask.astrometry import pointing_from_header
+    from mstdask.static.astrometry import pointing_from_header
 
     ra0, dec0 = pointing_from_header(hdr)
     scale = 206.265 * hdr["XPIXSZ"] / 400.0  # 2.4 um pixels behind a 400 mm lens: 1.2376"/px

@@ -16,7 +16,7 @@ import pytest
 from astropy.table import Table, vstack
 from scipy import ndimage as ndi
 
-from mstdask._stir_kernels import detect_cosmic_rays, detect_tracks, estimate_background, reduce_frame
+from mstdask.stir._stir_kernels import detect_cosmic_rays, detect_tracks, estimate_background, reduce_frame
 from mstdask.config import StirConfig
 from mstdask.errors import ConfigError
 from mstdask.testing import CameraModel, SatelliteTrack, make_camera, make_star_catalog, random_track
@@ -263,7 +263,7 @@ def test_cosmic_rays_found_star_cores_kept(seeing):
 def test_cosmic_rays_on_candidates_equal_full_frame(monkeypatch):
     """astroscrappy on cut-outs around candidates gives the whole-frame answer, also near
     the frame edges and on a track (and with the mosaic run in several bands)."""
-    import mstdask._stir_kernels as kernels
+    import mstdask.stir._stir_kernels as kernels
 
     track = SatelliteTrack(-0.5, 40.0, 899.5, 560.0, width=4.0, amplitude_sigma=20.0)
     reduced, mask, truth, _ = simulate(60, tracks=[track])

@@ -43,7 +43,7 @@ class CatalogTruth:
 
 
 def _theory_sigma(mag: np.ndarray) -> np.ndarray:
-    from .._lc_kernels import snr_theory
+    from ..lightcurves._lc_kernels import snr_theory
     from ..config import PrecisionConfig
 
     return snr_theory(mag, PrecisionConfig())["total"]
@@ -94,7 +94,7 @@ def write_catalogs(catdir: str | Path, n_sources: int = 2000, n_epochs: int = 60
     if truth is None:
         from scipy.spatial import cKDTree
 
-        from .._lc_kernels import chord, unit_vectors
+        from ..lightcurves._lc_kernels import chord, unit_vectors
 
         ra, dec = np.empty(n_sources), np.empty(n_sources)
         redo = np.arange(n_sources)
@@ -204,7 +204,7 @@ def simulate_cube(path: str | Path, n_sources: int, n_epochs: int, *, seed: int 
     import dask
 
     from ..config import LightcurveConfig
-    from ..lightcurves import CubeStore
+    from ..lightcurves.cube import CubeStore
 
     cfg = LightcurveConfig(source_chunk=source_chunk, epoch_chunk=epoch_chunk)
     store = CubeStore.create(path, cfg)

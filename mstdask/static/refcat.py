@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RefcatConfig
-from .errors import BadInputError, ConfigError
+from ..config import RefcatConfig
+from ..errors import BadInputError, ConfigError
 
 __all__ = ["Refcat", "load_refcat", "parse_columns"]
 

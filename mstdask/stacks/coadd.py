@@ -31,8 +31,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _coadd_kernels as K
-from .config import CoaddConfig
-from .errors import BadInputError, InsufficientDataError
+from ..config import CoaddConfig
+from ..errors import BadInputError, InsufficientDataError
 
 __all__ = ["CoaddFrame", "CoaddGrid", "coadd", "depth_figure", "depth_rows", "effective_gain", "fits_header",
            "footprint_box", "noise_correlation", "output_grid", "plan_tiles", "read_region", "resample_frame",
@@ -462,7 +462,7 @@ def fits_header(attrs: dict[str, Any], extra: dict[str, Any] | None = None):
     """FITS header of a coadd: its WCS, NCOMBINE, GAIN, EXPTIME, MAGZERO and provenance."""
     from astropy.io import fits
 
-    from . import __version__
+    from .. import __version__
 
     hdr = fits.Header()
     hdr.update(wcs_from_text(attrs["wcs"], "coadd grid").to_header(relax=True))
@@ -536,8 +536,8 @@ def stack_photometry(zarr_path: str, refcat, *, ra0: float, dec0: float, meta: d
     """
     import zarr
 
-    from .masks import Flag
-    from .photometry import measure_exposure
+    from ..masks import Flag
+    from ..static.photometry import measure_exposure
 
     group = zarr.open_group(zarr_path, mode="r")
     attrs = dict(group.attrs)
@@ -574,8 +574,8 @@ def stack_photometry_task(zarr_path: str, out_file: str, refcat_path: str, refca
     A coadd that cannot be calibrated returns ``status="flagged"`` and writes nothing."""
     from pathlib import Path
 
-    from .photometry import ExposureFlagged, _write_parquet
-    from .refcat import load_refcat
+    from ..static.photometry import ExposureFlagged, _write_parquet
+    from ..static.refcat import load_refcat
 
     refcat = load_refcat(refcat_path, refcat_config, meta.get("filter")).cone(ra0, dec0, radius_deg)
     try:
@@ -591,7 +591,7 @@ def stack_photometry_task(zarr_path: str, out_file: str, refcat_path: str, refca
 def depth_rows(sources: dict[str, np.ndarray] | Any, n: int, bin_mag: float, snr: float) -> dict[str, Any]:
     """Error-versus-magnitude curve and limiting magnitude of one stack's sources (not
     saturated, no aperture entirely masked or with a non-positive sum)."""
-    from .masks import Flag
+    from ..masks import Flag
 
     mag = np.asarray(sources["mag_aper"], float)
     err = np.asarray(sources["magerr_aper"], float)

@@ -23,9 +23,9 @@ import numpy as np
 import xarray as xr
 
 from . import _calib_kernels as K
-from .config import CalibConfig
-from .errors import BadInputError, InsufficientDataError
-from .store import rechunk_for_stack
+from ..config import CalibConfig
+from ..errors import BadInputError, InsufficientDataError
+from ..store import rechunk_for_stack
 
 __all__ = [
     "check_frames",

@@ -35,9 +35,9 @@ import numpy as np
 from astropy.stats import mad_std
 
 from . import _phot_kernels as K
-from .config import AstrometryConfig, PhotometryConfig, RefcatConfig
-from .errors import InsufficientDataError
-from .masks import Flag
+from ..config import AstrometryConfig, PhotometryConfig, RefcatConfig
+from ..errors import InsufficientDataError
+from ..masks import Flag
 
 __all__ = ["EXPOSURE_COLUMNS", "EXPOSURE_SCHEMA", "SOURCE_COLUMNS", "ExposureResult", "measure_exposure", "photometry_task",
            "exposure_id"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InsufficientDataError
+from ..errors import InsufficientDataError
 
 __all__ = [
     "central_slices",

@@ -46,8 +46,8 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from ._astrometry_kernels import solve_wcs
-from .config import AstrometryConfig
-from .errors import BadInputError
+from ..config import AstrometryConfig
+from ..errors import BadInputError
 
 __all__ = [
     "AstrometrySolution",

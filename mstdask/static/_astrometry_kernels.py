@@ -25,7 +25,7 @@ import numpy as np
 from astropy.io import fits
 from scipy.spatial import cKDTree
 
-from .errors import BadInputError, InsufficientDataError
+from ..errors import BadInputError, InsufficientDataError
 
 __all__ = [
     "gnomonic",
@@ -711,7 +711,7 @@ def solve_wcs(x: Array, y: Array, flux: Array, ref_ra: Array, ref_dec: Array, re
         The pointing is not a sky position.
     """
     if config is None:
-        from .config import AstrometryConfig
+        from ..config import AstrometryConfig
 
         config = AstrometryConfig()
     cfg = config

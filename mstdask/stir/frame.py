@@ -29,9 +29,9 @@ import numpy as np
 import xarray as xr
 
 from . import _stir_kernels as K
-from .config import CalibConfig, StirConfig
-from .errors import BadInputError, InsufficientDataError, StoreError
-from .masks import MASK_DTYPE, Flag, flag, saturated
+from ..config import CalibConfig, StirConfig
+from ..errors import BadInputError, InsufficientDataError, StoreError
+from ..masks import MASK_DTYPE, Flag, flag, saturated
 
 __all__ = [
     "CalibSet",
@@ -258,7 +258,7 @@ def _write_fits(fits_path: str, data: np.ndarray, mask: np.ndarray, raw_header: 
     """SCI + MASK FITS of one reduced frame, with the raw header and the provenance."""
     from astropy.io import fits
 
-    from . import __version__
+    from .. import __version__
 
     try:
         hdr = fits.Header.fromstring(raw_header, sep="\n" if "\n" in raw_header else "")

@@ -28,9 +28,9 @@ import numpy as np
 import xarray as xr
 
 from . import _detector_kernels as K
-from .calib import check_frames
-from .config import DetectorConfig
-from .errors import InsufficientDataError
+from ..stir.calib import check_frames
+from ..config import DetectorConfig
+from ..errors import InsufficientDataError
 
 __all__ = [
     "central_region",

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import sep
 
-from .config import PhotometryConfig
+from ..config import PhotometryConfig
 
 __all__ = [
     "ApertureChoice",

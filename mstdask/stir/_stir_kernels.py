@@ -70,7 +70,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 if TYPE_CHECKING:
-    from .config import StirConfig
+    from ..config import StirConfig
 
 __all__ = ["Background", "estimate_background", "reduce_frame", "detect_tracks", "detect_cosmic_rays"]
 
@@ -81,7 +81,7 @@ _MEDIAN_NOISE = 1.2533  # std of the median of n Gaussian values is 1.2533 sigma
 
 
 def _default_config() -> StirConfig:
-    from .config import StirConfig
+    from ..config import StirConfig
 
     return StirConfig()
 
