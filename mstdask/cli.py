@@ -225,7 +225,7 @@ def _print_info(store: str, as_json: bool) -> None:
 def _preflight(args: argparse.Namespace) -> None:
     """Errors a command would meet at its start (no input store, an output folder that cannot
     be written), found before a cluster is started."""
-    from .runner import check_writable
+    from .jobs import check_writable
     from .store import RawStore
 
     if args.command == "ingest":
@@ -248,7 +248,7 @@ def _preflight(args: argparse.Namespace) -> None:
             raise BadInputError(args.refcat, "reference catalogue not found; check --refcat")
         check_writable(args.out, "the catalogues")
     elif args.command == "coadd":
-        from .runner import _coadd_inputs
+        from .jobs.coadd import _coadd_inputs
 
         _coadd_inputs(Path(args.input), args.catalogs)
         check_writable(args.out, "the coadds")
@@ -272,21 +272,21 @@ def _preflight(args: argparse.Namespace) -> None:
 
 def _dry_run(args: argparse.Namespace) -> int:
     """Print what the command would do; nothing is computed or written."""
-    from . import runner
+    from . import jobs
     from .config import CalibConfig
 
     if args.command == "coadd":
         print(_coadd_plan(args))
         return 0
     if args.command == "ingest":
-        plan = runner.plan_ingest(args.inputs, args.store, _ingest_config(args))
+        plan = jobs.plan_ingest(args.inputs, args.store, _ingest_config(args))
     elif args.command == "calibrate":
-        plan = runner.plan_calibrate(args.store, args.out, _calib_config(args))
+        plan = jobs.plan_calibrate(args.store, args.out, _calib_config(args))
     elif args.command == "reduce":
-        plan = runner.plan_reduce(args.store, args.calib, args.out, _stir_config(args), CalibConfig(),
+        plan = jobs.plan_reduce(args.store, args.calib, args.out, _stir_config(args), CalibConfig(),
                                   fits_dir=args.fits)
     else:
-        plan = runner.plan_run(args.inputs, args.out, _ingest_config(args))
+        plan = jobs.plan_run(args.inputs, args.out, _ingest_config(args))
     print(plan.text())
     return 0
 
@@ -305,7 +305,7 @@ def _coadd_config(args: argparse.Namespace):
 
 def _coadd_plan(args: argparse.Namespace) -> str:
     """What ``coadd`` would stack (fields, exposures, N), without a cluster."""
-    from .runner import CoaddReport, _coadd_frames, _coadd_inputs
+    from .jobs.coadd import CoaddReport, _coadd_frames, _coadd_inputs
 
     cfg = _coadd_config(args)
     catdir, reduced, _ = _coadd_inputs(Path(args.input), args.catalogs)
@@ -337,7 +337,7 @@ def _run(inputs: list, out, args: argparse.Namespace, config: IngestConfig, argv
     """The main job (``run`` and ``demo``) on the cluster the options ask for."""
     from .cluster import connect
     from .static.refcat import parse_columns
-    from .runner import run_pipeline
+    from .jobs import run_pipeline
 
     rcfg = parse_columns(refcat_columns) if refcat is not None else None
     with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         _preflight(args)
 
         from .cluster import connect
-        from .runner import ingest
+        from .jobs import ingest
 
         if args.command == "ingest":
             with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if report.ok else 1
 
         if args.command == "calibrate":
-            from .runner import calibrate
+            from .jobs import calibrate
 
             cfg = _calib_config(args)
             with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if creport.ok else 1
 
         if args.command == "reduce":
-            from .runner import reduce
+            from .jobs import reduce
 
             scfg = _stir_config(args)
             with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "photometry":
             from .config import AstrometryConfig
             from .static.refcat import parse_columns
-            from .runner import photometry
+            from .jobs import photometry
 
             acfg = AstrometryConfig(distortion_order=args.distortion_order,
                                     **({"pixel_scale_arcsec": args.pixel_scale} if args.pixel_scale else {}))
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if preport.ok else 1
 
         if args.command == "coadd":
-            from .runner import coadd
+            from .jobs import coadd
 
             ccfg = _coadd_config(args)
             with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "lightcurves":
             from .config import LightcurveConfig
-            from .runner import lightcurves
+            from .jobs import lightcurves
 
             lcfg = LightcurveConfig(match_radius_arcsec=args.match_radius, magnitude=args.magnitude,
                                     source_chunk=args.source_chunk, epoch_chunk=args.epoch_chunk,
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "precision":
             from .config import PrecisionConfig
-            from .runner import precision
+            from .jobs import precision
 
             pcfg = PrecisionConfig(exptime_s=args.exptime, seeing_arcsec=args.seeing, sky_mag=args.sky_mag,
                                    diameter_cm=args.diameter, efficiency=args.efficiency,
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "characterize":
             from .config import DetectorConfig
-            from .runner import characterize
+            from .jobs import characterize
 
             dcfg = DetectorConfig(region_px=args.region, anomalous_nsigma=args.nsigma, subarea_px=args.subarea,
                                   saturation_adu=args.saturation, pixel_min_flats=args.min_flats)

@@ -134,8 +134,8 @@ PRELOAD = '''
 import os, time
 from pathlib import Path
 
-import mstdask.runner as runner
-import mstdask.stir as stir
+import mstdask.jobs.ingest as ingest_job
+import mstdask.stir.frame as stir
 import mstdask.store as store
 
 VICTIM = os.environ.get("MSTDASK_VICTIM", "")
@@ -165,7 +165,7 @@ def process_frame(raw_store, raw_index, path, out_store, out_index, *args, **kwa
     return _process_frame(raw_store, raw_index, path, out_store, out_index, *args, **kwargs)
 
 
-store.write_frame = runner.write_frame = write_frame
+store.write_frame = ingest_job.write_frame = write_frame
 stir.process_frame = process_frame
 '''
 
@@ -272,10 +272,10 @@ def patch():
 
         mio.write_product = write_product
     if after_frames:
-        import mstdask.runner as runner
+        import mstdask.jobs.reduce as reduce_job
         from mstdask.store import ReducedStore
 
-        runner.MARK_EVERY_S = 0.0
+        reduce_job.MARK_EVERY_S = 0.0
         real_set, marked = ReducedStore.set_coords, [0]
 
         def set_coords(self, index, **values):

@@ -220,7 +220,7 @@ def test_flagged_exposures():
         measure_exposure(red, mask, nomag, exptime=300.0, ra0=RA0, dec0=DEC0)
     # thick clouds (10 % transparency): still measured and calibrated, the zero point is
     # 2.5 mag down, and the run flags it against its night's median
-    from mstdask.runner import _flag_clouds
+    from mstdask.jobs.photometry import _flag_clouds
 
     red, mask, ref, truth = _frame("moffat", 8, transparency=0.1)
     cloudy = measure_exposure(red, mask, ref, exptime=300.0, ra0=RA0, dec0=DEC0).record
