@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from . import __version__
 from .config import ClusterConfig, IngestConfig, SiteConfig, StoreLayout
@@ -49,45 +50,34 @@ def _ingest_options(p: argparse.ArgumentParser) -> None:
                    help="tile compression in a new store")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(
-        prog="mstdask", description="Dask-parallel reduction of wide-field CMOS survey frames (Mini-SiTian).")
-    parser.add_argument("--version", action="version", version=f"mstdask {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("ingest", help="FITS files, folders or globs -> a raw Zarr store")
+def _ingest_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="PATH", help="FITS files (.fits .fit .fz .gz), folders or globs")
     p.add_argument("--store", required=True, metavar="STORE.zarr", help="the store (created if missing)")
-    _dry_run_option(p)
-    _ingest_options(p)
-    _cluster_options(p)
 
-    p = sub.add_parser("info", help="what is in a store")
+
+def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", metavar="STORE.zarr")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("calibrate", help="night calibrations: master bias, PS and bad-pixel masks -> CALDIR")
+
+def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", metavar="STORE.zarr")
     p.add_argument("--out", required=True, metavar="CALDIR")
     p.add_argument("--bias-combine", choices=("clipped-mean", "median"), default="clipped-mean")
     p.add_argument("--ps-threshold", type=float, default=8.0, help="PS pixel: std over bias frames above this (ADU)")
     p.add_argument("--ps-frames", type=int, default=100, help="bias frames of one night used for the PS map")
-    _dry_run_option(p)
-    _cluster_options(p)
 
-    p = sub.add_parser("reduce", help="STIR per frame: bias, flat, masks, tracks, cosmic rays -> REDUCED.zarr")
+
+def _reduce_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", metavar="STORE.zarr")
     p.add_argument("--calib", required=True, metavar="CALDIR", help="output folder of `mstdask calibrate`")
     p.add_argument("--out", required=True, metavar="REDUCED.zarr")
     p.add_argument("--fits", default=None, metavar="DIR", help="also write DIR/NIGHT/NAME.fits (SCI + MASK)")
     p.add_argument("--no-tracks", action="store_true", help="skip the satellite-track search")
     p.add_argument("--no-cosmics", action="store_true", help="skip the cosmic-ray search")
-    _dry_run_option(p)
-    _cluster_options(p)
 
-    p = sub.add_parser("photometry", help="STATIC per exposure: sources, blind astrometry with distortion, "
-                                          "25-aperture and PSF photometry, zero points -> CATDIR (Parquet)")
+
+def _photometry_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reduced", metavar="REDUCED.zarr", help="output of `mstdask reduce`")
     p.add_argument("--refcat", required=True, metavar="CATALOG",
                    help="reference catalogue (.csv, .fits or .parquet) for astrometry and zero points")
@@ -98,10 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-scale", type=float, default=None, metavar="ARCSEC",
                    help="expected pixel scale for the blind solve (default 0.862, MST; +-10 %% is searched)")
     p.add_argument("--distortion-order", type=int, default=4, help="polynomial order of the TPV distortion (4)")
-    _cluster_options(p)
 
-    p = sub.add_parser("coadd", help="STATIC multiple: resample exposures onto one TAN grid and stack N = 2..64 of "
-                                     "them, STATIC on every stack, depth versus N -> COADDDIR (Zarr + FITS)")
+
+def _coadd_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="CATDIR|REDUCED.zarr",
                    help="output folder of `mstdask photometry` (or the reduced store, with --catalogs)")
     p.add_argument("--out", required=True, metavar="COADDDIR")
@@ -115,11 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resampling", choices=("bilinear", "adaptive"), default="bilinear",
                    help="bilinear (default, fast) or reproject's adaptive kernel (anti-aliased, slower)")
     p.add_argument("--tile", type=int, default=2048, metavar="PX", help="output tile edge (default 2048)")
-    _dry_run_option(p)
-    _cluster_options(p)
 
-    p = sub.add_parser("lightcurves", help="cross-match every exposure's catalogue to one source list -> "
-                                           "source x epoch cube LC.zarr (appends new exposures)")
+
+def _lightcurves_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("catdir", metavar="CATDIR", help="output folder of `mstdask photometry`")
     p.add_argument("--out", required=True, metavar="LC.zarr")
     p.add_argument("--refcat", default=None, metavar="CATALOG",
@@ -130,10 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-chunk", type=int, default=4096, help="sources per chunk of a new cube (4096)")
     p.add_argument("--epoch-chunk", type=int, default=64,
                    help="epochs per chunk of a new cube, also exposures per writing task (64)")
-    _cluster_options(p)
 
-    p = sub.add_parser("precision", help="precision vs magnitude with the Eqs. 1-5 theory, catalogue stacks, "
-                                         "variability and light curves of a cube -> DIR")
+
+def _precision_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("cube", metavar="LC.zarr", help="output of `mstdask lightcurves`")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--exptime", type=float, default=300.0, help="theory: exposure time in s (300)")
@@ -142,10 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diameter", type=float, default=30.0, help="theory: aperture in cm (30)")
     p.add_argument("--efficiency", type=float, default=0.32, help="theory: total throughput eta (0.32)")
     p.add_argument("--min-epochs", type=int, default=5, help="fewest good epochs for a source's statistics (5)")
-    _cluster_options(p)
 
-    p = sub.add_parser("characterize", help="detector lab set: bias stability, anomalous pixels, dark current, "
-                                            "linearity, gain and read noise (also per pixel) -> DIR")
+
+def _characterize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", metavar="STORE.zarr")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--telescope", default=None, help="the camera to characterise (needed when the store holds several)")
@@ -157,34 +142,74 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raw level at which flats count as saturated (default 50000)")
     p.add_argument("--min-flats", type=int, default=20,
                    help="fewest flats at one exposure time for the per-pixel gain (default 20; the paper has 144)")
-    _cluster_options(p)
 
-    p = sub.add_parser("run", help="the main job: ingest, then every pipeline step, into --out")
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="RAW")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--refcat", default=None, metavar="CATALOG",
                    help="reference catalogue: also run the STATIC photometry (into DIR/catalog)")
     p.add_argument("--refcat-columns", default=None, metavar="KEY=COL,...",
                    help="column names of --refcat (see `mstdask photometry --help`)")
-    _dry_run_option(p)
-    _ingest_options(p)
-    _cluster_options(p)
 
-    p = sub.add_parser("demo", help="simulate a small two-night survey and run the main job on it")
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--shape", default="600x900", metavar="NYxNX",
                    help="frame size of the simulated camera (default 600x900; full MST is 6388x9576)")
     p.add_argument("--nights", type=int, default=2)
     p.add_argument("--science", type=int, default=4, help="science frames per night")
     p.add_argument("--seed", type=int, default=0)
-    _cluster_options(p)
 
-    p = sub.add_parser("certs", help="TLS certificates of a Dask cluster (CA, scheduler/workers, client) -> DIR")
+
+def _certs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR", help="folder for the certificates, e.g. cluster/certs (created)")
     p.add_argument("--host", dest="hosts", action="append", default=[], metavar="NAME",
                    help="host name or IP of the scheduler/workers, repeatable (localhost and 127.0.0.1 always)")
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.add_argument("--force", action="store_true", help="replace certificates already in DIR")
+
+
+_DRY, _INGEST, _CLUSTER = _dry_run_option, _ingest_options, _cluster_options
+
+#: The sub-commands in the order ``mstdask --help`` lists them: name, help, the command's own
+#: arguments, then the shared option groups (in this order in the command's help).
+_SUBCOMMANDS = (
+    ("ingest", "FITS files, folders or globs -> a raw Zarr store", _ingest_arguments, (_DRY, _INGEST, _CLUSTER)),
+    ("info", "what is in a store", _info_arguments, ()),
+    ("calibrate", "night calibrations: master bias, PS and bad-pixel masks -> CALDIR", _calibrate_arguments,
+     (_DRY, _CLUSTER)),
+    ("reduce", "STIR per frame: bias, flat, masks, tracks, cosmic rays -> REDUCED.zarr", _reduce_arguments,
+     (_DRY, _CLUSTER)),
+    ("photometry", "STATIC per exposure: sources, blind astrometry with distortion, "
+                   "25-aperture and PSF photometry, zero points -> CATDIR (Parquet)", _photometry_arguments,
+     (_CLUSTER,)),
+    ("coadd", "STATIC multiple: resample exposures onto one TAN grid and stack N = 2..64 of "
+              "them, STATIC on every stack, depth versus N -> COADDDIR (Zarr + FITS)", _coadd_arguments,
+     (_DRY, _CLUSTER)),
+    ("lightcurves", "cross-match every exposure's catalogue to one source list -> "
+                    "source x epoch cube LC.zarr (appends new exposures)", _lightcurves_arguments, (_CLUSTER,)),
+    ("precision", "precision vs magnitude with the Eqs. 1-5 theory, catalogue stacks, "
+                  "variability and light curves of a cube -> DIR", _precision_arguments, (_CLUSTER,)),
+    ("characterize", "detector lab set: bias stability, anomalous pixels, dark current, "
+                     "linearity, gain and read noise (also per pixel) -> DIR", _characterize_arguments, (_CLUSTER,)),
+    ("run", "the main job: ingest, then every pipeline step, into --out", _run_arguments, (_DRY, _INGEST, _CLUSTER)),
+    ("demo", "simulate a small two-night survey and run the main job on it", _demo_arguments, (_CLUSTER,)),
+    ("certs", "TLS certificates of a Dask cluster (CA, scheduler/workers, client) -> DIR", _certs_arguments, ()),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="mstdask", description="Dask-parallel reduction of wide-field CMOS survey frames (Mini-SiTian).")
+    parser.add_argument("--version", action="version", version=f"mstdask {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, own_arguments, shared_options in _SUBCOMMANDS:
+        p = sub.add_parser(name, help=help_text)
+        own_arguments(p)
+        for add_options in shared_options:
+            add_options(p)
     return parser
 
 
@@ -349,141 +374,166 @@ def _run(inputs: list, out, args: argparse.Namespace, config: IngestConfig, argv
     return 0 if report.ok else 1
 
 
+# ----------------------------------------------------------------------------- commands
+# Each command builds its configuration (bad values fail before a cluster starts), then runs
+# its job on the cluster; ``argv`` is the command line recorded in the manifest.
+def _on_cluster(args: argparse.Namespace, job: Callable[[Any], Any]) -> int:
+    """Run ``job(client)`` on the cluster the options ask for and print its summary; the
+    exit status is 0 when the job is ok, 1 when it rejected inputs."""
+    from .cluster import connect
+
+    with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
+        report = job(client)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _ingest(args: argparse.Namespace, argv: list[str]) -> int:
+    from .jobs import ingest
+
+    # the configuration is made on the cluster, as it always was (a bad value fails after the start)
+    return _on_cluster(args, lambda client: ingest(args.inputs, args.store, client, _ingest_config(args),
+                                                   progress=not args.quiet))
+
+
+def _calibrate(args: argparse.Namespace, argv: list[str]) -> int:
+    from .jobs import calibrate
+
+    cfg = _calib_config(args)
+    return _on_cluster(args, lambda client: calibrate(args.store, args.out, client, cfg, progress=not args.quiet,
+                                                      argv=argv))
+
+
+def _reduce(args: argparse.Namespace, argv: list[str]) -> int:
+    from .jobs import reduce
+
+    cfg = _stir_config(args)
+    return _on_cluster(args, lambda client: reduce(args.store, args.calib, args.out, client, cfg, fits_dir=args.fits,
+                                                   progress=not args.quiet, argv=argv))
+
+
+def _photometry(args: argparse.Namespace, argv: list[str]) -> int:
+    from .config import AstrometryConfig
+    from .jobs import photometry
+    from .static.refcat import parse_columns
+
+    acfg = AstrometryConfig(distortion_order=args.distortion_order,
+                            **({"pixel_scale_arcsec": args.pixel_scale} if args.pixel_scale else {}))
+    rcfg = parse_columns(args.refcat_columns)
+    return _on_cluster(args, lambda client: photometry(args.reduced, args.refcat, args.out, client, astro_config=acfg,
+                                                       refcat_config=rcfg, progress=not args.quiet, argv=argv))
+
+
+def _coadd(args: argparse.Namespace, argv: list[str]) -> int:
+    from .jobs import coadd
+
+    cfg = _coadd_config(args)
+    return _on_cluster(args, lambda client: coadd(args.input, args.out, client, cfg, progress=not args.quiet,
+                                                  argv=argv, catalogs=args.catalogs))
+
+
+def _lightcurves(args: argparse.Namespace, argv: list[str]) -> int:
+    from .config import LightcurveConfig
+    from .jobs import lightcurves
+
+    cfg = LightcurveConfig(match_radius_arcsec=args.match_radius, magnitude=args.magnitude,
+                           source_chunk=args.source_chunk, epoch_chunk=args.epoch_chunk,
+                           use_refcat=not args.no_refcat)
+    return _on_cluster(args, lambda client: lightcurves(args.catdir, args.out, client, cfg, progress=not args.quiet,
+                                                        argv=argv, refcat_path=args.refcat))
+
+
+def _precision(args: argparse.Namespace, argv: list[str]) -> int:
+    from .config import PrecisionConfig
+    from .jobs import precision
+
+    cfg = PrecisionConfig(exptime_s=args.exptime, seeing_arcsec=args.seeing, sky_mag=args.sky_mag,
+                          diameter_cm=args.diameter, efficiency=args.efficiency, min_epochs=args.min_epochs)
+    return _on_cluster(args, lambda client: precision(args.cube, args.out, client, cfg, progress=not args.quiet,
+                                                      argv=argv))
+
+
+def _characterize(args: argparse.Namespace, argv: list[str]) -> int:
+    from .config import DetectorConfig
+    from .jobs import characterize
+
+    cfg = DetectorConfig(region_px=args.region, anomalous_nsigma=args.nsigma, subarea_px=args.subarea,
+                         saturation_adu=args.saturation, pixel_min_flats=args.min_flats)
+    return _on_cluster(args, lambda client: characterize(args.store, args.out, client, cfg, progress=not args.quiet,
+                                                         argv=argv, telescope=args.telescope))
+
+
+def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
+    return _run(args.inputs, args.out, args, _ingest_config(args), argv, refcat=args.refcat,
+                refcat_columns=args.refcat_columns)
+
+
+def _demo(args: argparse.Namespace, argv: list[str]) -> int:
+    """Simulate a survey into OUT/raw_fits, then run the main job on it."""
+    from .testing import write_survey
+
+    try:
+        ny, nx = (int(v) for v in args.shape.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"mstdask demo: --shape must look like 600x900, not {args.shape!r}") from None
+    out = Path(args.out)
+    raw_dir = out / "raw_fits"
+    t0 = time.perf_counter()
+    print(f"simulating {args.nights} nights of {nx}x{ny} frames into {raw_dir} ...", file=sys.stderr)
+    sim = write_survey(raw_dir, nights=args.nights, shape=(ny, nx), n_science=args.science, seed=args.seed)
+    print(f"  done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    # the simulator's reference catalogue (the stars it drew the sky from) calibrates the photometry
+    return _run([raw_dir], out, args, IngestConfig(), argv, refcat=sim.refcat_path)
+
+
+def _info(args: argparse.Namespace, argv: list[str]) -> int:
+    _print_info(args.store, args.json)
+    return 0
+
+
+def _certs(args: argparse.Namespace, argv: list[str]) -> int:
+    from .cluster import make_certificates
+
+    files = make_certificates(args.dir, args.hosts, days=args.days, overwrite=args.force)
+    print(f"certificates in {Path(args.dir)}: {files['ca_file'].name} (CA; keep {files['ca_key'].name} "
+          f"private), {files['node_cert'].name} + {files['node_key'].name} (scheduler and workers), "
+          f"{files['cert'].name} + {files['key'].name} (clients)", file=sys.stderr)
+    # The tls section of a cluster/NAME.yaml (node_* only for kind: jobqueue).
+    print("tls:\n" + "".join(f"  {k}: {files[k]}\n" for k in ("ca_file", "cert", "key", "node_cert",
+                                                                "node_key")), end="")
+    return 0
+
+
+#: Commands that need no cluster: no dry run, no preflight.
+_LOCAL = {"info": _info, "certs": _certs}
+
+#: Commands on a cluster, after ``--dry-run`` and the preflight checks. ``run`` and ``demo``
+#: take the bare command line (``_run`` adds the program name); the jobs take it in full.
+_ON_CLUSTER = {"ingest": _ingest, "calibrate": _calibrate, "reduce": _reduce, "photometry": _photometry,
+               "coadd": _coadd, "lightcurves": _lightcurves, "precision": _precision,
+               "characterize": _characterize, "run": _run_command, "demo": _demo}
+
+
+def _command(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the command ``args`` asks for; returns the exit status."""
+    if args.command in _LOCAL:
+        return _LOCAL[args.command](args, argv)
+    if getattr(args, "dry_run", False):
+        return _dry_run(args)
+    _preflight(args)
+    if args.command in ("run", "demo"):
+        return _ON_CLUSTER[args.command](args, argv)
+    if args.command in _ON_CLUSTER:
+        return _ON_CLUSTER[args.command](args, ["mstdask", *argv])
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mstdask`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "info":
-            _print_info(args.store, args.json)
-            return 0
-
-        if args.command == "certs":
-            from .cluster import make_certificates
-
-            files = make_certificates(args.dir, args.hosts, days=args.days, overwrite=args.force)
-            print(f"certificates in {Path(args.dir)}: {files['ca_file'].name} (CA; keep {files['ca_key'].name} "
-                  f"private), {files['node_cert'].name} + {files['node_key'].name} (scheduler and workers), "
-                  f"{files['cert'].name} + {files['key'].name} (clients)", file=sys.stderr)
-            # The tls section of a cluster/NAME.yaml (node_* only for kind: jobqueue).
-            print("tls:\n" + "".join(f"  {k}: {files[k]}\n" for k in ("ca_file", "cert", "key", "node_cert",
-                                                                        "node_key")), end="")
-            return 0
-
-        if getattr(args, "dry_run", False):
-            return _dry_run(args)
-        _preflight(args)
-
-        from .cluster import connect
-        from .jobs import ingest
-
-        if args.command == "ingest":
-            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
-                report = ingest(args.inputs, args.store, client, _ingest_config(args), progress=not args.quiet)
-            print(report.summary())
-            return 0 if report.ok else 1
-
-        if args.command == "calibrate":
-            from .jobs import calibrate
-
-            cfg = _calib_config(args)
-            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
-                creport = calibrate(args.store, args.out, client, cfg, progress=not args.quiet,
-                                    argv=["mstdask", *argv])
-            print(creport.summary())
-            return 0 if creport.ok else 1
-
-        if args.command == "reduce":
-            from .jobs import reduce
-
-            scfg = _stir_config(args)
-            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
-                rreport = reduce(args.store, args.calib, args.out, client, scfg, fits_dir=args.fits,
-                                 progress=not args.quiet, argv=["mstdask", *argv])
-            print(rreport.summary())
-            return 0 if rreport.ok else 1
-
-        if args.command == "photometry":
-            from .config import AstrometryConfig
-            from .static.refcat import parse_columns
-            from .jobs import photometry
-
-            acfg = AstrometryConfig(distortion_order=args.distortion_order,
-                                    **({"pixel_scale_arcsec": args.pixel_scale} if args.pixel_scale else {}))
-            rcfg = parse_columns(args.refcat_columns)
-            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
-                preport = photometry(args.reduced, args.refcat, args.out, client, astro_config=acfg,
-                                     refcat_config=rcfg, progress=not args.quiet, argv=["mstdask", *argv])
-            print(preport.summary())
-            return 0 if preport.ok else 1
-
-        if args.command == "coadd":
-            from .jobs import coadd
-
-            ccfg = _coadd_config(args)
-            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
-                kreport = coadd(args.input, args.out, client, ccfg, progress=not args.quiet,
-                                argv=["mstdask", *argv], catalogs=args.catalogs)
-            print(kreport.summary())
-            return 0 if kreport.ok else 1
-
-        if args.command == "lightcurves":
-            from .config import LightcurveConfig
-            from .jobs import lightcurves
-
-            lcfg = LightcurveConfig(match_radius_arcsec=args.match_radius, magnitude=args.magnitude,
-                                    source_chunk=args.source_chunk, epoch_chunk=args.epoch_chunk,
-                                    use_refcat=not args.no_refcat)
-            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
-                lreport = lightcurves(args.catdir, args.out, client, lcfg, progress=not args.quiet,
-                                      argv=["mstdask", *argv], refcat_path=args.refcat)
-            print(lreport.summary())
-            return 0 if lreport.ok else 1
-
-        if args.command == "precision":
-            from .config import PrecisionConfig
-            from .jobs import precision
-
-            pcfg = PrecisionConfig(exptime_s=args.exptime, seeing_arcsec=args.seeing, sky_mag=args.sky_mag,
-                                   diameter_cm=args.diameter, efficiency=args.efficiency,
-                                   min_epochs=args.min_epochs)
-            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
-                qreport = precision(args.cube, args.out, client, pcfg, progress=not args.quiet,
-                                    argv=["mstdask", *argv])
-            print(qreport.summary())
-            return 0 if qreport.ok else 1
-
-        if args.command == "characterize":
-            from .config import DetectorConfig
-            from .jobs import characterize
-
-            dcfg = DetectorConfig(region_px=args.region, anomalous_nsigma=args.nsigma, subarea_px=args.subarea,
-                                  saturation_adu=args.saturation, pixel_min_flats=args.min_flats)
-            with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
-                dreport = characterize(args.store, args.out, client, dcfg, progress=not args.quiet,
-                                       argv=["mstdask", *argv], telescope=args.telescope)
-            print(dreport.summary())
-            return 0 if dreport.ok else 1
-
-        if args.command == "run":
-            return _run(args.inputs, args.out, args, _ingest_config(args), argv, refcat=args.refcat,
-                        refcat_columns=args.refcat_columns)
-
-        if args.command == "demo":
-            from .testing import write_survey
-
-            try:
-                ny, nx = (int(v) for v in args.shape.lower().split("x"))
-            except ValueError:
-                raise SystemExit(f"mstdask demo: --shape must look like 600x900, not {args.shape!r}") from None
-            out = Path(args.out)
-            raw_dir = out / "raw_fits"
-            t0 = time.perf_counter()
-            print(f"simulating {args.nights} nights of {nx}x{ny} frames into {raw_dir} ...", file=sys.stderr)
-            sim = write_survey(raw_dir, nights=args.nights, shape=(ny, nx), n_science=args.science, seed=args.seed)
-            print(f"  done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-            # the simulator's reference catalogue (the stars it drew the sky from) calibrates the photometry
-            return _run([raw_dir], out, args, IngestConfig(), argv, refcat=sim.refcat_path)
+        return _command(args, argv)
     except MstdaskError as exc:
         print(f"mstdask {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -495,7 +545,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mstdask {args.command}: interrupted; run the same command again to finish", file=sys.stderr)
         return 130
-    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,11 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 def run_demo(code: Path, out: Path, shape: str) -> None:
     """``mstdask demo`` and ``mstdask characterize`` with the package found in ``code``."""
     env = dict(os.environ, PYTHONPATH=str(code))
+    # -m puts the working folder first on sys.path: run outside any checkout
     cmd = [sys.executable, "-m", "mstdask.cli"]
-    subprocess.run([*cmd, "demo", "--out", str(out), "--shape", shape, "--quiet"], env=env, check=False,
-                   stdout=subprocess.DEVNULL)
-    subprocess.run([*cmd, "characterize", str(out / "raw.zarr"), "--out", str(out / "lab"), "--quiet"], env=env,
-                   check=False, stdout=subprocess.DEVNULL)
+    out.mkdir(parents=True, exist_ok=True)
+    run = dict(env=env, check=False, stdout=subprocess.DEVNULL, cwd=str(out))
+    subprocess.run([*cmd, "demo", "--out", str(out), "--shape", shape, "--quiet"], **run)
+    subprocess.run([*cmd, "characterize", str(out / "raw.zarr"), "--out", str(out / "lab"), "--quiet"], **run)
+    probe = subprocess.run([sys.executable, "-c", "import mstdask; print(mstdask.__file__)"], env=env, cwd=str(out),
+                           capture_output=True, text=True)
+    print(f"  (mstdask from {probe.stdout.strip()})", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,7 +134,10 @@ PRELOAD = '''
 import os, time
 from pathlib import Path
 
-import mstdask.jobs.ingest as ingest_job
+import importlib
+
+# the module, not the function mstdask.jobs re-exports under the same name
+ingest_job = importlib.import_module("mstdask.jobs.ingest")
 import mstdask.stir.frame as stir
 import mstdask.store as store
 
@@ -272,7 +275,9 @@ def patch():
 
         mio.write_product = write_product
     if after_frames:
-        import mstdask.jobs.reduce as reduce_job
+        import importlib
+
+        reduce_job = importlib.import_module("mstdask.jobs.reduce")  # the module, not the function
         from mstdask.store import ReducedStore
 
         reduce_job.MARK_EVERY_S = 0.0

@@ -94,6 +94,7 @@ def _store_table(store: RawStore) -> dict:
 
 
 def _infos_table(infos: list[FrameInfo]) -> dict:
+    """The same table for frames not yet ingested, from their headers."""
     import numpy as np
 
     table = {k: np.array([getattr(i, "key" if k == "frame_key" else k) for i in infos], dtype=object)
@@ -103,6 +104,7 @@ def _infos_table(infos: list[FrameInfo]) -> dict:
 
 
 def _concat(a: dict, b: dict) -> dict:
+    """Two such tables, one after the other."""
     import numpy as np
 
     return {k: np.concatenate([np.asarray(a[k], dtype=b[k].dtype if k == "time" else object),
@@ -110,5 +112,6 @@ def _concat(a: dict, b: dict) -> dict:
 
 
 def _tiles(shape: tuple[int, int], tile) -> int:
+    """Stored tiles of a frame (partial tiles at the edges count)."""
     return -(-shape[0] // tile[0]) * -(-shape[1] // tile[1])
 

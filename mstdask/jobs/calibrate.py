@@ -10,6 +10,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..config import to_dict
 from ..errors import MstdaskError
@@ -17,20 +18,23 @@ from ..manifest import Manifest
 from ..store import RawStore
 from ._job import (
     TASK_RETRIES,
+    JobReport,
     check_writable,
     clear_temporaries,
+    gather,
     is_fs_error,
     progress_bar,
+    save_manifest,
     signature,
+    tmp_name,
     unlink,
     write_error,
-    writing,
 )
 from ._plan import Plan, _store_table, _tiles
 
 
 @dataclass
-class CalibReport:
+class CalibReport(JobReport):
     """What ``calibrate`` made, what an earlier run had already made, and what it could not
     make (with the reason)."""
 
@@ -38,22 +42,15 @@ class CalibReport:
     products: list[dict] = field(default_factory=list)
     already: list[dict] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
 
-    @property
-    def ok(self) -> bool:
-        """True when every product that was asked for could be made."""
-        return not self.skipped
+    _LISTED = (("SKIPPED", "skipped"),)
+    _FAILS = ("skipped",)  # ok: every product that was asked for could be made
 
-    def summary(self) -> str:
-        """Human-readable summary."""
+    def headline(self) -> str:
+        """Products made per kind, and how many were already done."""
         kinds = Counter(p["kind"] for p in self.products)
-        lines = [f"calibrate {self.out_dir}: " + (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing")
-                 + f" made, {len(self.already)} already done in {self.seconds:.1f} s"]
-        lines += [f"  note: {n}" for n in self.notes]
-        lines += [f"  SKIPPED {what}: {why}" for what, why in self.skipped]
-        return "\n".join(lines)
+        return (f"calibrate {self.out_dir}: " + (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing")
+                + f" made, {len(self.already)} already done in {self.seconds:.1f} s")
 
 
 @dataclass
@@ -161,13 +158,7 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
         The store is missing, or the output cannot be written (read-only folder, full disk):
         the product being written is removed, the ones before it are kept.
     """
-    import numpy as np
-    import xarray as xr
-
     from ..config import CalibConfig
-    from ..io import write_product
-    from ..masks import Flag, flag
-    from ..stir import calib
     from ..store import open_store
 
     config = config or CalibConfig()
@@ -177,275 +168,359 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
     ds = open_store(store_path, chunks=None)
     out = check_writable(out_dir, "the calibrations")
     clear_temporaries(out)  # FITS and manifest temporaries of a killed run
-    report = CalibReport(out_dir=str(out.resolve()))
-    manifest = Manifest(out)
-    intermediates = manifest.data.setdefault("intermediates", {})
-    zpath = out / "calib.zarr"
-    cfg = to_dict(config)
     steps = _calib_steps({k: ds[k].values for k in ("telescope", "imagetyp", "night", "filter", "time")}, config)
-    frame_keys = _strs(ds["frame_key"].values)
+    run = _Calibration(client, ds, out, config)
+    run.make(steps, progress)
+    report = run.report
+    save_manifest(run.manifest, out, argv, products=len(report.products), already=len(report.already),
+                  skipped=len(report.skipped))
+    report.seconds = time.perf_counter() - t0
+    return report
 
-    def gather(obj):
-        if isinstance(obj, list):
-            return client.gather(client.compute(obj, retries=TASK_RETRIES))
-        return client.compute(obj, retries=TASK_RETRIES).result()
 
-    def commit(kind: str, key: str, write, record) -> None:
+class _Calibration:
+    """One ``calibrate`` run: its output, manifest and report, the products made so far that
+    later steps use, and the products computing while the next steps are submitted.
+
+    Master biases and PS masks need nothing made before them: each is submitted as soon as
+    its step comes and written once computed, while the workers go on with the next steps
+    (no idle workers while the driver writes, no idle worker at the end of each step).
+    Products are still written one at a time by the driver; a PS mask may be written after
+    products of later steps, the master biases always before the steps that use them.
+    """
+
+    def __init__(self, client, ds, out: Path, config) -> None:
+        self.client, self.ds, self.out, self.config = client, ds, out, config
+        self.cfg = to_dict(config)
+        self.zpath = out / "calib.zarr"
+        self.report = CalibReport(out_dir=str(out.resolve()))
+        self.manifest = Manifest(out)
+        self.intermediates = self.manifest.data.setdefault("intermediates", {})
+        self.frame_keys = _strs(ds["frame_key"].values)
+        #: (telescope, night) -> (the written master bias, read back lazily; its signature)
+        self.biases: dict[tuple[str, str], tuple[object, str]] = {}
+        #: (telescope, filter) -> night -> (inputs, signature) of the nightly small-scale flats
+        self.nightly: dict[tuple[str, str], dict[str, tuple[list[str], str]]] = {}
+        #: (kind, futures, write(results)) submitted and not yet written, in step order
+        self.pending: list[tuple[str, list, Callable]] = []
+        self.bar = None
+
+    # ------------------------------------------------------------------------- the sequence
+    def make(self, steps: list[_CalStep], progress: bool) -> None:
+        """Every step in order; each product is written (and listed) once computed."""
+        with progress_bar(len(steps), "calibrate", progress, unit="step") as self.bar:
+            for step in steps:
+                self.bar.set_postfix_str(f"{step.kind} {step.key}", refresh=False)
+                if step.kind in ("bad_pixel_mask", "small_scale_flat"):
+                    self.finish(biases_only=True)  # these read the master biases written before them
+                submitted = getattr(self, step.kind)(step)
+                self.finish(ready_only=True)
+                if not submitted:  # a submitted step counts when it is written
+                    self.bar.update()
+            self.finish()
+
+    def submit(self, kind: str, objs: list, write: Callable) -> None:
+        """Compute ``objs`` beside the next steps; ``write(results)`` once they are done."""
+        self.pending.append((kind, self.client.compute(objs, retries=TASK_RETRIES), write))
+
+    def finish(self, ready_only: bool = False, biases_only: bool = False) -> None:
+        """Write submitted products: all of them, those computed already, or as many as
+        needed for every master bias to be written."""
+        while self.pending:
+            if ready_only and not all(f.done() for f in self.pending[0][1]):
+                return
+            if biases_only and all(kind != "master_bias" for kind, _, _ in self.pending):
+                return
+            _, futures, write = self.pending.pop(0)
+            write(self.client.gather(futures))
+            self.bar.update()
+
+    # ------------------------------------------------------------------------- helpers
+    def frames(self, step: _CalStep):
+        """The step's frames (lazy) and their exposure identities."""
+        return self.ds.raw.isel(frame=list(step.frames)), self.frame_keys[list(step.frames)]
+
+    def done(self, kind: str, key: str, sig: str) -> dict | None:
+        """The manifest entry of this product when an earlier run made it the same way."""
+        return _done_product(self.manifest, self.out, kind, key, sig)
+
+    def bias_for(self, tel: str, night: str, what: str, notes: list[str]) -> tuple[str, object, str]:
+        """``(night, master bias, signature)`` of the master bias nearest ``night``."""
+        from ..stir import calib
+
+        available = sorted(n for t, n in self.biases if t == tel)
+        bias_night = calib.nearest_night(night, available)
+        if bias_night != night:
+            notes.append(f"{what}: no master bias that night, used the one of {bias_night}")
+        data, sig = self.biases[(tel, bias_night)]
+        return bias_night, data, sig
+
+    def bias_written(self, tel: str, night: str, key: str, sig: str) -> None:
+        """Later steps read the written master bias back (lazily) instead of recomputing its graph."""
+        import xarray as xr
+
+        self.biases[(tel, night)] = (xr.open_zarr(self.zpath, group=f"master_bias/{key}")["master_bias"], sig)
+
+    # ------------------------------------------------------------------------- writing
+    def commit(self, kind: str, key: str, write: Callable[[], None], record: Callable[[], None]) -> None:
         """Write one product, then list it: the manifest only ever lists complete products."""
-        group = f"{kind}/{key}"
-        fpath = None if kind == "small_scale_flat" else out / f"{kind}_{key}.fits"
+        manifest, group = self.manifest, f"{kind}/{key}"
+        fpath = None if kind == "small_scale_flat" else self.out / f"{kind}_{key}.fits"
         try:
             # being made again (other frames or configuration): unlisted before it is overwritten
-            if intermediates.pop(group, None) is not None or (fpath is not None and manifest.remove(fpath.name)):
+            if self.intermediates.pop(group, None) is not None or (fpath is not None and manifest.remove(fpath.name)):
                 manifest.write()
             write()
             record()
             manifest.write()
         except OSError as exc:
-            shutil.rmtree(zpath / kind / key, ignore_errors=True)
+            shutil.rmtree(self.zpath / kind / key, ignore_errors=True)
             if fpath is not None:
-                unlink(fpath.with_name(f".{fpath.name}.tmp"), fpath)  # io.write_product's temporary
+                unlink(tmp_name(fpath), fpath)  # io.write_product's temporary
                 manifest.remove(fpath.name)
-            intermediates.pop(group, None)
+            self.intermediates.pop(group, None)
             if not is_fs_error(exc):
                 raise
-            made = len(report.products) + len(report.already)
-            raise write_error(exc, out, f"{kind} {key}", f"; the {made} products made before are kept: run "
-                                                          "the same command again to make the rest",
-                               shown=fpath or zpath / kind / key) from None
+            made = len(self.report.products) + len(self.report.already)
+            raise write_error(exc, self.out, f"{kind} {key}", f"; the {made} products made before are kept: run "
+                                                               "the same command again to make the rest",
+                              shown=fpath or self.zpath / kind / key) from None
 
-    def write_zarr(group: str, zds) -> None:
+    def write_zarr(self, group: str, zds) -> None:
+        """One product's group of ``calib.zarr``."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # zarr v3 notes on string attributes
-            zds.to_zarr(zpath, group=group, mode="w", zarr_format=3, consolidated=True)
+            zds.to_zarr(self.zpath, group=group, mode="w", zarr_format=3, consolidated=True)
 
-    def save(kind: str, key: str, data: np.ndarray, ds_extra: dict, *, telescope: str, night: str,
+    def save(self, kind: str, key: str, data, ds_extra: dict, *, telescope: str, night: str,
              inputs: list[str], method: str, params: dict, signature: str, filter: str = "",
              extra_hdr: dict | None = None, entry_extra: dict | None = None) -> None:
-        path = out / f"{kind}_{key}.fits"
+        """One product as a Zarr group and a FITS file with provenance, then its manifest entry."""
+        import xarray as xr
+
+        from ..io import write_product
+
+        path = self.out / f"{kind}_{key}.fits"
 
         def write() -> None:
-            write_zarr(f"{kind}/{key}", xr.Dataset({kind: (("y", "x"), data), **ds_extra},
-                                                   attrs={"telescope": telescope, "night": night, "filter": filter,
-                                                          "method": method}))
+            self.write_zarr(f"{kind}/{key}", xr.Dataset(
+                {kind: (("y", "x"), data), **ds_extra},
+                attrs={"telescope": telescope, "night": night, "filter": filter, "method": method}))
             write_product(path, data, kind=kind, telescope=telescope, filter=filter, night=night, inputs=inputs,
                           method=method, params=params, extra=extra_hdr)
 
         def record() -> None:
-            report.products.append(manifest.add(
-                kind, path, telescope=telescope, filter=filter, night=night, inputs=inputs, config=cfg,
+            self.report.products.append(self.manifest.add(
+                kind, path, telescope=telescope, filter=filter, night=night, inputs=inputs, config=self.cfg,
                 zarr_group=f"calib.zarr/{kind}/{key}", signature=signature, **(entry_extra or {})))
 
-        commit(kind, key, write, record)
+        self.commit(kind, key, write, record)
 
-    def bias_for(tel: str, night: str, what: str, notes: list[str]) -> tuple[str, object, str]:
-        available = sorted(n for t, n in biases if t == tel)
-        bias_night = calib.nearest_night(night, available)
-        if bias_night != night:
-            notes.append(f"{what}: no master bias that night, used the one of {bias_night}")
-        data, sig = biases[(tel, bias_night)]
-        return bias_night, data, sig
+    # ------------------------------------------------------------------------- the products
+    # Each returns True when it submitted its product (written later by :meth:`finish`).
+    def master_bias(self, step: _CalStep) -> bool:
+        """The master bias of one night, submitted to be written once computed."""
+        from ..stir import calib
 
-    biases: dict[tuple[str, str], tuple[xr.DataArray, str]] = {}
-    nightly: dict[tuple[str, str], dict[str, tuple[list[str], str]]] = {}
-    # Master biases and PS masks need nothing made before them: each is submitted as soon as
-    # its step comes and written once computed, while the workers go on with the next steps
-    # (no idle workers while the driver writes, no idle worker at the end of each step).
-    # Products are still written one at a time by the driver; a PS mask may be written after
-    # products of later steps, the master biases always before the steps that use them.
-    pending: list[tuple[str, list, object]] = []  # (kind, futures, write(results)) in step order
+        config, tel, night, key = self.config, step.telescope, step.night, step.key
+        frames, keys = self.frames(step)
+        sig = signature(step.kind, key, keys, self.cfg)
+        if (done := self.done(step.kind, key, sig)) is not None:
+            self.report.already.append(done)
+            self.bias_written(tel, night, key, sig)
+            return False
+        try:
+            mb = calib.master_bias(frames, config)
+        except MstdaskError as exc:
+            self.report.skipped.append((f"master_bias {key}", str(exc)))
+            return False
 
-    def submit(kind: str, objs: list, write) -> None:
-        pending.append((kind, client.compute(objs, retries=TASK_RETRIES), write))
+        def write(res) -> None:
+            self.save("master_bias", key, res[0], {}, telescope=tel, night=night,
+                      inputs=mb.attrs["inputs"], method=f"{config.bias_combine} of bias frames",
+                      params={"clip_sigma": config.clip_sigma}, extra_hdr={"BUNIT": "adu"}, signature=sig)
+            self.bias_written(tel, night, key, sig)
 
-    def finish(ready_only: bool = False, biases_only: bool = False) -> None:
-        """Write submitted products: all of them, those computed already, or as many as
-        needed for every master bias to be written."""
-        while pending:
-            if ready_only and not all(f.done() for f in pending[0][1]):
-                return
-            if biases_only and all(kind != "master_bias" for kind, _, _ in pending):
-                return
-            _, futures, write = pending.pop(0)
-            write(client.gather(futures))
-            bar.update()
+        self.submit("master_bias", [mb.data], write)
+        return True
 
-    with progress_bar(len(steps), "calibrate", progress, unit="step") as bar:
-        for step in steps:
-            tel, night, filt, key = step.telescope, step.night, step.filter, step.key
-            bar.set_postfix_str(f"{step.kind} {key}", refresh=False)
-            frames = ds.raw.isel(frame=list(step.frames))
-            keys = frame_keys[list(step.frames)]
-            if step.kind in ("bad_pixel_mask", "small_scale_flat"):
-                finish(biases_only=True)  # these read the master biases written before them
-            if step.kind == "master_bias":
-                sig = signature(step.kind, key, keys, cfg)
+    def ps_mask(self, step: _CalStep) -> bool:
+        """The pepper-and-salt mask of a telescope, submitted to be written once computed."""
+        import numpy as np
 
-                def bias_written(tel=tel, night=night, key=key, sig=sig) -> None:
-                    # later steps read the written master back (lazily) instead of recomputing its graph
-                    biases[(tel, night)] = (xr.open_zarr(zpath, group=f"master_bias/{key}")["master_bias"], sig)
+        from ..masks import Flag, flag
+        from ..stir import calib
 
-                if (done := _done_product(manifest, out, step.kind, key, sig)) is not None:
-                    report.already.append(done)
-                    bias_written()
-                else:
-                    try:
-                        mb = calib.master_bias(frames, config)
-                    except MstdaskError as exc:
-                        report.skipped.append((f"master_bias {key}", str(exc)))
-                        bar.update()
-                        continue
+        config, tel, night, key = self.config, step.telescope, step.night, step.key
+        frames, keys = self.frames(step)
+        sig = signature(step.kind, key, keys, self.cfg)
+        if (done := self.done(step.kind, key, sig)) is not None:
+            self.report.already.append(done)
+            return False
+        try:
+            ps = calib.ps_map(frames, config)
+            summ = calib.ps_summary(ps)
+        except MstdaskError as exc:
+            self.report.skipped.append((f"ps_mask {tel}", str(exc)))
+            return False
 
-                    def write_bias(res, tel=tel, night=night, key=key, sig=sig, mb=mb, done=bias_written) -> None:
-                        save("master_bias", key, res[0], {}, telescope=tel, night=night,
-                             inputs=mb.attrs["inputs"], method=f"{config.bias_combine} of bias frames",
-                             params={"clip_sigma": config.clip_sigma}, extra_hdr={"BUNIT": "adu"}, signature=sig)
-                        done()
+        def write(res) -> None:
+            ps_np, frac, agree, std = res
+            self.save("ps_mask", key, flag(ps_np, Flag.PEPPER_SALT), {"std": (("y", "x"), std)},
+                      telescope=tel, night=night, inputs=ps.attrs["inputs"], signature=sig,
+                      method=f"std over {ps.attrs['nframes']} bias > {config.ps_threshold_adu} ADU in "
+                             f"all {config.ps_groups} groups",
+                      params={"ps_threshold": config.ps_threshold_adu},
+                      extra_hdr={"PSFRAC": (float(frac), "fraction of PS pixels"),
+                                 "PSAGREE": (float(np.nanmin(agree)), "min agreement between groups")},
+                      entry_extra={"ps_fraction": float(frac), "group_agreement": [float(a) for a in agree]})
 
-                    submit("master_bias", [mb.data], write_bias)
-                    finish(ready_only=True)
-                    continue
-            elif step.kind == "ps_mask":
-                sig = signature(step.kind, key, keys, cfg)
-                if (done := _done_product(manifest, out, step.kind, key, sig)) is not None:
-                    report.already.append(done)
-                else:
-                    try:
-                        ps = calib.ps_map(frames, config)
-                        summ = calib.ps_summary(ps)
-                    except MstdaskError as exc:
-                        report.skipped.append((f"ps_mask {tel}", str(exc)))
-                    else:
-                        def write_ps(res, tel=tel, night=night, key=key, sig=sig, ps=ps) -> None:
-                            ps_np, frac, agree, std = res
-                            save("ps_mask", key, flag(ps_np, Flag.PEPPER_SALT), {"std": (("y", "x"), std)},
-                                 telescope=tel, night=night, inputs=ps.attrs["inputs"], signature=sig,
-                                 method=f"std over {ps.attrs['nframes']} bias > {config.ps_threshold_adu} ADU in "
-                                        f"all {config.ps_groups} groups",
-                                 params={"ps_threshold": config.ps_threshold_adu},
-                                 extra_hdr={"PSFRAC": (float(frac), "fraction of PS pixels"),
-                                            "PSAGREE": (float(np.nanmin(agree)), "min agreement between groups")},
-                                 entry_extra={"ps_fraction": float(frac),
-                                              "group_agreement": [float(a) for a in agree]})
+        self.submit("ps_mask", [ps["ps"].data, summ["fraction"].data, summ["agreement"].data, ps["std"].data],
+                    write)
+        return True
 
-                        submit("ps_mask", [ps["ps"].data, summ["fraction"].data, summ["agreement"].data, ps["std"].data],
-                               write_ps)
-                        finish(ready_only=True)
-                        continue
-            elif step.kind == "bad_pixel_mask":
-                try:
-                    bias_night, bias, bias_sig = bias_for(tel, night, f"bad_pixel_mask {key}", report.notes)
-                    sig = signature(step.kind, key, keys, cfg, [bias_sig])
-                    done = _done_product(manifest, out, step.kind, key, sig)
-                    if done is None:
-                        res = calib.bad_pixel_map(frames, bias, config)
-                        bad, centre, sigma = gather([res["bad"].data, res["centre"].data, res["sigma"].data])
-                except MstdaskError as exc:
-                    report.skipped.append((f"bad_pixel_mask {key}", str(exc)))
-                else:
-                    if done is not None:
-                        report.already.append(done)
-                    else:
-                        save("bad_pixel_mask", key, flag(bad, Flag.BAD_PIXEL), {}, telescope=tel, night=night,
-                             inputs=res.attrs["inputs"], signature=sig,
-                             method=f"median dark - master bias outside {config.bad_pixel_nsigma} robust sigma",
-                             params={"nsigma": config.bad_pixel_nsigma},
-                             extra_hdr={"DARKMED": (float(centre), "[adu] median of bias-subtracted dark"),
-                                        "DARKSIG": (float(sigma), "[adu] robust sigma"), "BIASNGHT": bias_night},
-                             entry_extra={"bias_night": bias_night, "bad_fraction": float(bad.mean())})
-            elif step.kind == "small_scale_flat":
-                _small_scale_flat(step, frames, keys, config, cfg, bias_for, gather, commit, write_zarr, manifest,
-                                  out, report, nightly.setdefault((tel, filt), {}))
-            else:  # master_flat
-                _master_flat(step, config, cfg, gather, save, manifest, out, report, zpath,
-                             nightly.setdefault((tel, filt), {}))
-            finish(ready_only=True)
-            bar.update()
-        finish()
-    manifest.record_run(argv, products=len(report.products), already=len(report.already),
-                        skipped=len(report.skipped))
-    with writing(out, "the manifest"):
-        manifest.write()
-    report.seconds = time.perf_counter() - t0
-    return report
+    def bad_pixel_mask(self, step: _CalStep) -> bool:
+        """The bad-pixel mask of one night: its darks less the nearest master bias."""
+        from ..masks import Flag, flag
+        from ..stir import calib
+
+        config, tel, night, key = self.config, step.telescope, step.night, step.key
+        frames, keys = self.frames(step)
+        try:
+            bias_night, bias, bias_sig = self.bias_for(tel, night, f"bad_pixel_mask {key}", self.report.notes)
+            sig = signature(step.kind, key, keys, self.cfg, [bias_sig])
+            if (done := self.done(step.kind, key, sig)) is not None:
+                self.report.already.append(done)
+                return False
+            res = calib.bad_pixel_map(frames, bias, config)
+            bad, centre, sigma = gather(self.client, [res["bad"].data, res["centre"].data, res["sigma"].data])
+        except MstdaskError as exc:
+            self.report.skipped.append((f"bad_pixel_mask {key}", str(exc)))
+            return False
+        self.save("bad_pixel_mask", key, flag(bad, Flag.BAD_PIXEL), {}, telescope=tel, night=night,
+                  inputs=res.attrs["inputs"], signature=sig,
+                  method=f"median dark - master bias outside {config.bad_pixel_nsigma} robust sigma",
+                  params={"nsigma": config.bad_pixel_nsigma},
+                  extra_hdr={"DARKMED": (float(centre), "[adu] median of bias-subtracted dark"),
+                             "DARKSIG": (float(sigma), "[adu] robust sigma"), "BIASNGHT": bias_night},
+                  entry_extra={"bias_night": bias_night, "bad_fraction": float(bad.mean())})
+        return False
+
+    def small_scale_flat(self, step: _CalStep) -> bool:
+        """One night's small-scale flat of one filter: flats outside the level limits left out."""
+        import numpy as np
+        import xarray as xr
+
+        from ..stir import calib
+
+        config, tel, filt, night, key = self.config, step.telescope, step.filter, step.night, step.key
+        flats, keys = self.frames(step)
+        nightly = self.nightly.setdefault((tel, filt), {})
+        notes: list[str] = []
+        try:
+            bias_night, bias, bias_sig = self.bias_for(tel, night, f"flats {key}", notes)
+            sig = signature(step.kind, key, keys, self.cfg, [bias_sig])
+            if (done := self.done(step.kind, key, sig)) is not None:
+                self.report.notes.extend(done.get("notes", []))
+                nightly[night] = (done["inputs"], sig)
+                return False
+            levels = gather(self.client, calib.flat_levels(flats, bias).data)
+            ok = (levels >= config.flat_min_adu) & (levels <= config.flat_max_adu)
+            for path, level in zip(flats["path"].values[~ok], levels[~ok]):
+                notes.append(f"flat {path} left out: level {level:.0f} ADU outside "
+                             f"{config.flat_min_adu:.0f}-{config.flat_max_adu:.0f} ADU")
+            ssf = calib.nightly_small_scale_flat(flats.isel(frame=np.flatnonzero(ok)), bias, config)
+            data = gather(self.client, ssf.data)
+        except MstdaskError as exc:
+            self.report.notes.extend(notes)
+            self.report.skipped.append((f"small_scale_flat {key}", str(exc)))
+            return False
+        self.report.notes.extend(notes)
+        inputs = list(ssf.attrs["inputs"])
+        zds = xr.Dataset({"small_scale_flat": (("y", "x"), data)},
+                         attrs={"telescope": tel, "filter": filt, "night": night, "bias_night": bias_night,
+                                "inputs": inputs})
+
+        def record() -> None:  # an intermediate: listed in the manifest, no FITS file
+            self.intermediates[f"small_scale_flat/{key}"] = {
+                "signature": sig, "inputs": inputs, "notes": notes, "bias_night": bias_night}
+
+        self.commit("small_scale_flat", key, lambda: self.write_zarr(f"small_scale_flat/{key}", zds), record)
+        nightly[night] = (inputs, sig)
+        return False
+
+    def master_flat(self, step: _CalStep) -> bool:
+        """The master flat of one night: the nightly small-scale flats of the nights around it."""
+        import xarray as xr
+
+        from ..stir import calib
+
+        config, tel, filt, night, key = self.config, step.telescope, step.filter, step.night, step.key
+        nightly = self.nightly.setdefault((tel, filt), {})
+        use = calib.flat_window_nights(night, sorted(nightly), config)
+        if not use:
+            self.report.skipped.append((f"master_flat {key}",
+                                        f"no nightly flat within {config.flat_max_days:.0f} days"))
+            return False
+        sig = signature(step.kind, key, [], self.cfg, [nightly[n][1] for n in use])
+        if (done := self.done(step.kind, key, sig)) is not None:
+            self.report.already.append(done)
+            return False
+        parts = [xr.open_zarr(self.zpath, group=f"small_scale_flat/{tel}_{filt}_{n}")["small_scale_flat"]
+                 for n in use]
+        data = gather(self.client, calib.stack_nightly_flats(parts).data)
+        inputs = [p for n in use for p in nightly[n][0]]
+        self.save("master_flat", key, data, {}, telescope=tel, filter=filt, night=night, inputs=inputs,
+                  signature=sig,
+                  method=f"mean of {len(use)} nightly small-scale flats ({config.flat_window_px}-px median)",
+                  params={"window_px": config.flat_window_px, "half_window_nights": config.flat_half_window_nights},
+                  extra_hdr={"NNIGHTS": (len(use), "nights stacked"),
+                             **{f"FLATN{i:03d}": n for i, n in enumerate(use, start=1)}},
+                  entry_extra={"nights": use})
+        return False
 
 
-def _small_scale_flat(step: _CalStep, flats, keys, config, cfg: dict, bias_for, gather, commit, write_zarr,
-                      manifest: Manifest, out: Path, report: CalibReport, nightly: dict) -> None:
-    """One night's small-scale flat of one filter: flats outside the level limits left out."""
-    import numpy as np
-    import xarray as xr
+# ----------------------------------------------------------------------------- the dry run
+#: Bytes per pixel each product writes (``--dry-run`` estimate).
+_BYTES_WRITTEN = {"master_bias": 8, "master_flat": 8, "ps_mask": 6, "bad_pixel_mask": 2, "small_scale_flat": 4}
 
+
+def _plan_step(step: _CalStep, keys, config, cfg: dict, biases: dict, nightly: dict) -> tuple[int, str | None, str | None]:
+    """``(frames or nights read, signature, why it would be skipped)`` of one step, from the
+    frame table only; records the master biases and nightly flats later steps would use."""
     from ..stir import calib
 
-    tel, filt, night, key = step.telescope, step.filter, step.night, step.key
-    notes: list[str] = []
-    try:
-        bias_night, bias, bias_sig = bias_for(tel, night, f"flats {key}", notes)
-        sig = signature(step.kind, key, keys, cfg, [bias_sig])
-        done = _done_product(manifest, out, step.kind, key, sig)
-        if done is not None:
-            report.notes.extend(done.get("notes", []))
-            nightly[night] = (done["inputs"], sig)
-            return
-        levels = gather(calib.flat_levels(flats, bias).data)
-        ok = (levels >= config.flat_min_adu) & (levels <= config.flat_max_adu)
-        for path, level in zip(flats["path"].values[~ok], levels[~ok]):
-            notes.append(f"flat {path} left out: level {level:.0f} ADU outside "
-                         f"{config.flat_min_adu:.0f}-{config.flat_max_adu:.0f} ADU")
-        ssf = calib.nightly_small_scale_flat(flats.isel(frame=np.flatnonzero(ok)), bias, config)
-        data = gather(ssf.data)
-    except MstdaskError as exc:
-        report.notes.extend(notes)
-        report.skipped.append((f"small_scale_flat {key}", str(exc)))
-        return
-    report.notes.extend(notes)
-    inputs = list(ssf.attrs["inputs"])
-    zds = xr.Dataset({"small_scale_flat": (("y", "x"), data)},
-                     attrs={"telescope": tel, "filter": filt, "night": night, "bias_night": bias_night,
-                            "inputs": inputs})
-
-    def record() -> None:
-        manifest.data.setdefault("intermediates", {})[f"small_scale_flat/{key}"] = {
-            "signature": sig, "inputs": inputs, "notes": notes, "bias_night": bias_night}
-
-    commit("small_scale_flat", key, lambda: write_zarr(f"small_scale_flat/{key}", zds), record)
-    nightly[night] = (inputs, sig)
-
-
-def _master_flat(step: _CalStep, config, cfg: dict, gather, save, manifest: Manifest, out: Path,
-                 report: CalibReport, zpath: Path, nightly: dict) -> None:
-    """The master flat of one night: the nightly small-scale flats of the nights around it."""
-    import xarray as xr
-
-    from ..stir import calib
-
-    tel, filt, night, key = step.telescope, step.filter, step.night, step.key
-    use = calib.flat_window_nights(night, sorted(nightly), config)
+    tel, night, kind, key, n = step.telescope, step.night, step.kind, step.key, len(step.frames)
+    if kind in ("master_bias", "ps_mask"):
+        least = config.min_frames if kind == "master_bias" else config.ps_min_frames
+        sig = signature(kind, key, keys, cfg)
+        if n < least:
+            return n, sig, f"{n} bias frames, at least {least} needed"
+        if kind == "master_bias":
+            biases[(tel, night)] = sig
+        return n, sig, None
+    if kind in ("bad_pixel_mask", "small_scale_flat"):
+        available = sorted(b for t, b in biases if t == tel)
+        if not available:
+            return n, None, "no master bias"
+        if n < config.min_frames:
+            return n, None, f"{n} frames, at least {config.min_frames} needed"
+        sig = signature(kind, key, keys, cfg, [biases[(tel, calib.nearest_night(night, available))]])
+        if kind == "small_scale_flat":
+            nightly.setdefault((tel, step.filter), {})[night] = sig
+        return n, sig, None
+    flats = nightly.get((tel, step.filter), {})  # master_flat
+    use = calib.flat_window_nights(night, sorted(flats), config)
     if not use:
-        report.skipped.append((f"master_flat {key}", f"no nightly flat within {config.flat_max_days:.0f} days"))
-        return
-    sig = signature(step.kind, key, [], cfg, [nightly[n][1] for n in use])
-    done = _done_product(manifest, out, step.kind, key, sig)
-    if done is not None:
-        report.already.append(done)
-        return
-    parts = [xr.open_zarr(zpath, group=f"small_scale_flat/{tel}_{filt}_{n}")["small_scale_flat"] for n in use]
-    data = gather(calib.stack_nightly_flats(parts).data)
-    inputs = [p for n in use for p in nightly[n][0]]
-    save("master_flat", key, data, {}, telescope=tel, filter=filt, night=night, inputs=inputs, signature=sig,
-         method=f"mean of {len(use)} nightly small-scale flats ({config.flat_window_px}-px median)",
-         params={"window_px": config.flat_window_px, "half_window_nights": config.flat_half_window_nights},
-         extra_hdr={"NNIGHTS": (len(use), "nights stacked"),
-                    **{f"FLATN{i:03d}": n for i, n in enumerate(use, start=1)}},
-         entry_extra={"nights": use})
+        return n, None, f"no nightly flat within {config.flat_max_days:.0f} days"
+    return len(use), signature(kind, key, [], cfg, [flats[u] for u in use]), None
+
 
 def _calib_plan(table: dict, shape, tile, out: Path, config) -> Plan:
+    """The dry run of ``calibrate`` from a store's frame table (``_store_table``), the frame
+    shape and tile, and the manifest in ``out`` (read when there is one)."""
     import numpy as np
 
-    from ..stir import calib
-
-    steps = _calib_steps(table, config)
     cfg = to_dict(config)
     manifest = Manifest(out)  # reads manifest.json when there is one, creates nothing
     keys = _strs(table["frame_key"])
@@ -455,39 +530,9 @@ def _calib_plan(table: dict, shape, tile, out: Path, config) -> Plan:
     nightly: dict[tuple[str, str], dict[str, str]] = {}
     read: set[int] = set()
     todo = done = skipped = 0
-    for step in steps:
-        tel, night, kind, key = step.telescope, step.night, step.kind, step.key
-        n = len(step.frames)
-        k = keys[list(step.frames)]
-        sig, why = None, None
-        if kind == "master_bias":
-            sig = signature(kind, key, k, cfg)
-            if n < config.min_frames:
-                why = f"{n} bias frames, at least {config.min_frames} needed"
-            else:
-                biases[(tel, night)] = sig
-        elif kind == "ps_mask":
-            sig = signature(kind, key, k, cfg)
-            if n < config.ps_min_frames:
-                why = f"{n} bias frames, at least {config.ps_min_frames} needed"
-        elif kind in ("bad_pixel_mask", "small_scale_flat"):
-            available = sorted(b for t, b in biases if t == tel)
-            if not available:
-                why = "no master bias"
-            elif n < config.min_frames:
-                why = f"{n} frames, at least {config.min_frames} needed"
-            else:
-                sig = signature(kind, key, k, cfg, [biases[(tel, calib.nearest_night(night, available))]])
-                if kind == "small_scale_flat":
-                    nightly.setdefault((tel, step.filter), {})[night] = sig
-        else:
-            flats = nightly.get((tel, step.filter), {})
-            use = calib.flat_window_nights(night, sorted(flats), config)
-            if not use:
-                why = f"no nightly flat within {config.flat_max_days:.0f} days"
-            else:
-                sig = signature(kind, key, [], cfg, [flats[u] for u in use])
-                n = len(use)
+    for step in _calib_steps(table, config):
+        kind, key = step.kind, step.key
+        n, sig, why = _plan_step(step, keys[list(step.frames)], config, cfg, biases, nightly)
         if why is not None:
             status = f"would be skipped: {why}"
             skipped += 1
@@ -499,10 +544,9 @@ def _calib_plan(table: dict, shape, tile, out: Path, config) -> Plan:
             todo += 1
             read.update(step.frames)
             per_frame = 4 if kind == "master_flat" else 2
-            plan.bytes_read += n * npix * per_frame + (npix * 4 if kind in ("bad_pixel_mask", "small_scale_flat")
-                                                        else 0)
-            plan.bytes_written += npix * {"master_bias": 8, "master_flat": 8, "ps_mask": 6, "bad_pixel_mask": 2,
-                                          "small_scale_flat": 4}[kind]
+            bias_read = npix * 4 if kind in ("bad_pixel_mask", "small_scale_flat") else 0
+            plan.bytes_read += n * npix * per_frame + bias_read
+            plan.bytes_written += npix * _BYTES_WRITTEN[kind]
             plan.tasks += (n + 1) * ntiles
         plan.steps.append(f"  {kind:<17}{key:<28}{n:>5} {'nights' if kind == 'master_flat' else 'frames'}  {status}")
     idx = sorted(read)
@@ -520,4 +564,3 @@ def plan_calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, co
     store = RawStore.open(store_path, mode="r")
     return _calib_plan(_store_table(store), store.frame_shape, tuple(store.group.attrs["tile"]), Path(out_dir),
                        config or CalibConfig())
-

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,13 +12,18 @@ from ..config import to_dict
 from ..errors import BadInputError, StoreError
 from ..manifest import Manifest
 from ._job import (
-    TASK_RETRIES,
+    JobReport,
     atomic_parquet,
+    atomic_zarr,
     check_writable,
     clear_temporaries,
+    error_text,
+    median_seconds,
     progress_bar,
+    save_manifest,
     signature,
     stops_the_run,
+    tmp_name,
     write_error,
     write_png,
     writing,
@@ -29,9 +32,13 @@ from .photometry import _exposure_frames, _ok_exposures
 
 
 @dataclass
-class CoaddReport:
+class CoaddReport(JobReport):
     """What ``coadd`` did: stacks made now or already there, stacks measured, depth per N,
-    exposures left out (no astrometric solution, flagged) and failures."""
+    exposures left out (no astrometric solution, flagged) and failures.
+
+    Only failed stacks make the run not ``ok``: skipped exposures and flagged stacks are
+    data, not errors.
+    """
 
     out_dir: str
     made: list[str] = field(default_factory=list)
@@ -40,33 +47,26 @@ class CoaddReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     flagged: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
     depth: list[dict] = field(default_factory=list)
     frame_seconds: list[float] = field(default_factory=list)
-    seconds: float = 0.0
 
-    @property
-    def ok(self) -> bool:
-        """True when no stack failed (skipped exposures and flagged stacks are data, not errors)."""
-        return not self.failed
+    _LISTED = (("SKIPPED", "skipped"), ("FLAGGED", "flagged"), ("FAILED", "failed"))
+    _FAILS = ("failed",)
 
-    def summary(self) -> str:
-        """Human-readable summary."""
+    def headline(self) -> str:
+        """The counts, then one line per stack's depth (before the notes)."""
+        per = (f", median {median_seconds(self.frame_seconds):.1f} s per input frame"
+               if self.frame_seconds else "")
         lines = [f"coadd {self.out_dir}: {len(self.made)} stacks made, {len(self.already)} already done, "
                  f"{len(self.measured)} measured, {len(self.skipped)} exposures skipped, {len(self.flagged)} "
-                 f"flagged, {len(self.failed)} failed in {self.seconds:.1f} s"
-                 + (f", median {sorted(self.frame_seconds)[len(self.frame_seconds) // 2]:.1f} s per input frame"
-                    if self.frame_seconds else "")]
+                 f"flagged, {len(self.failed)} failed in {self.seconds:.1f} s{per}"]
         for d in self.depth:
             lines.append(f"  {d.get('stack', '')} N={d['n']:>3}: limiting magnitude (5 sigma) {d['limiting_mag']:.2f}"
                          + (" (extrapolated)" if d.get("extrapolated") else "") + f", {d['n_sources']} sources")
-        lines += [f"  note: {n}" for n in self.notes]
-        lines += [f"  SKIPPED {e}: {why}" for e, why in self.skipped]
-        lines += [f"  FLAGGED {e}: {why}" for e, why in self.flagged]
-        lines += [f"  FAILED {e}: {why}" for e, why in self.failed]
         return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- inputs
 def _coadd_inputs(src: Path, catalogs) -> tuple[Path, Path, dict]:
     """(CATDIR, reduced store, source_catalog manifest entry) from CATDIR or a reduced store."""
     from ..store import ReducedStore
@@ -94,20 +94,13 @@ def _coadd_inputs(src: Path, catalogs) -> tuple[Path, Path, dict]:
     return catdir, reduced, entry
 
 
-def _coadd_frames(catdir: Path, reduced: Path, config, report: CoaddReport) -> list[list]:
-    """The usable exposures as CoaddFrame lists, one per (telescope, filter, field), by time."""
+def _usable_exposures(catdir: Path, reduced: Path, index: dict, shape: tuple, report: CoaddReport) -> dict:
+    """The exposures that can be stacked, by (telescope, filter), each with its index in the
+    reduced store and its centre (``ra_c``, ``dec_c``); the others go to ``report.skipped``."""
     import math as _m
 
-    import numpy as np
+    from ..stacks.coadd import wcs_from_text
 
-    from ..config import PhotometryConfig
-    from ..stacks.coadd import CoaddFrame, wcs_from_text
-    from ..store import ReducedStore
-
-    red = ReducedStore.open(reduced, mode="r")
-    c = {name: red.coord(name) for name in ("reduced", "time", "telescope", "egain")}
-    index = _exposure_frames(c["telescope"], c["time"], c["reduced"])  # the names `photometry` gave
-    shape = tuple(int(v) for v in red.frame_shape)
     groups: dict[tuple, list[dict]] = {}
     for r in _ok_exposures(catdir, report.skipped):
         exp = str(r.get("exposure"))
@@ -129,23 +122,47 @@ def _coadd_frames(catdir: Path, reduced: Path, config, report: CoaddReport) -> l
         ra, dec = w.all_pix2world([(shape[1] - 1) / 2], [(shape[0] - 1) / 2], 0)
         r = {**r, "index": index[exp], "ra_c": float(ra[0]), "dec_c": float(dec[0])}
         groups.setdefault((str(r.get("telescope")), str(r.get("filter"))), []).append(r)
+    return groups
+
+
+def _by_field(rows: list[dict], half: float) -> list[list[dict]]:
+    """Exposures in time order, in fields: an exposure joins the first field whose (first
+    exposure's) centre is within ``half`` degrees."""
+    import math as _m
+
+    fields: list[list[dict]] = []
+    for r in sorted(rows, key=lambda r: (r["time_ns"], str(r["exposure"]))):
+        for f in fields:
+            d = _m.hypot((r["ra_c"] - f[0]["ra_c"]) * _m.cos(_m.radians(f[0]["dec_c"])), r["dec_c"] - f[0]["dec_c"])
+            if d < half:
+                f.append(r)
+                break
+        else:
+            fields.append([r])
+    return fields
+
+
+def _coadd_frames(catdir: Path, reduced: Path, config, report: CoaddReport) -> list[list]:
+    """The usable exposures as CoaddFrame lists, one per (telescope, filter, field), by time."""
+    import numpy as np
+
+    from ..config import PhotometryConfig
+    from ..stacks.coadd import CoaddFrame
+    from ..store import ReducedStore
+
+    red = ReducedStore.open(reduced, mode="r")
+    c = {name: red.coord(name) for name in ("reduced", "time", "telescope", "egain")}
+    index = _exposure_frames(c["telescope"], c["time"], c["reduced"])  # the names `photometry` gave
+    shape = tuple(int(v) for v in red.frame_shape)
+    groups = _usable_exposures(catdir, reduced, index, shape, report)
     # fields: an exposure joins the first field whose centre is within half the short side
     half = min(shape) / 2 * config.pixel_scale_arcsec / 3600
     out = []
     for key in sorted(groups):
-        fields: list[list[dict]] = []
-        for r in sorted(groups[key], key=lambda r: (r["time_ns"], str(r["exposure"]))):
-            for f in fields:
-                d = _m.hypot((r["ra_c"] - f[0]["ra_c"]) * _m.cos(_m.radians(f[0]["dec_c"])), r["dec_c"] - f[0]["dec_c"])
-                if d < half:
-                    f.append(r)
-                    break
-            else:
-                fields.append([r])
-        for rows in fields:
+        for rows in _by_field(groups[key], half):
             ref = rows[0]
             frames = []
-            for r in rows:
+            for r in rows:  # scaled to the first exposure's zero point and exposure time
                 scale = ref["exptime"] / r["exptime"] * 10 ** (0.4 * (ref["zero_point"] - r["zero_point"]))
                 noise = scale * r["background_rms_adu"]
                 g = c["egain"][r["index"]]
@@ -157,6 +174,258 @@ def _coadd_frames(catdir: Path, reduced: Path, config, report: CoaddReport) -> l
                     exptime=float(r["exptime"]), zero_point=float(r["zero_point"]), time=r["time_ns"]))
             out.append((key, rows, frames))
     return out
+
+
+def _stack_configs(entry: dict, phot_config, astro_config) -> tuple:
+    """``(phot_config, astro_config, refcat_config, refcat_path)`` of the stack photometry:
+    those given, else CATDIR's (its manifest ``entry``); no ``refcat_path`` when it names none."""
+    from ..config import AstrometryConfig, PhotometryConfig, RefcatConfig
+
+    cat_cfg = entry.get("config") or {}
+    phot_config = phot_config or PhotometryConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                     for k, v in (cat_cfg.get("photometry") or {}).items()})
+    astro_config = astro_config or AstrometryConfig(**(cat_cfg.get("astrometry") or {}))
+    refcat_cfg = RefcatConfig(**(cat_cfg.get("refcat") or {}))
+    refcat_path = (entry.get("inputs") or [None, None])[1] if len(entry.get("inputs") or []) > 1 else None
+    return phot_config, astro_config, refcat_cfg, refcat_path
+
+
+# ----------------------------------------------------------------------------- the job
+@dataclass
+class _Stack:
+    """One stack: the first N exposures of a field, on the grid covering them."""
+
+    name: str
+    tel: str
+    filt: str
+    k_field: int
+    nights: list[str]
+    frames: list
+    grid: object
+    sig: str
+    zpath: Path
+    fpath: Path
+
+    @property
+    def n(self) -> int:
+        return len(self.frames)
+
+
+class _CoaddJob:
+    """The state of one ``coadd`` run: make each stack, measure it, then the depth table."""
+
+    def __init__(self, client, out: Path, config, progress: bool, catdir: Path, reduced: Path,
+                 stack_configs: tuple, report: CoaddReport):
+        self.client, self.out, self.config, self.progress = client, out, config, progress
+        self.catdir, self.reduced, self.report = catdir, reduced, report
+        self.phot_config, self.astro_config, self.refcat_cfg, self.refcat_path = stack_configs
+        self.cfg = {"coadd": to_dict(config), "photometry": to_dict(self.phot_config),
+                    "astrometry": to_dict(self.astro_config)}
+        self.manifest = Manifest(out)
+        self.depth: list[dict] = []
+        self.points: dict[int, tuple] = {}  # N: (mag, magerr) of the first field, for the figure
+
+    def run(self, fields: list, argv: list[str] | None) -> None:
+        """Every stack of every field; the depth table and the manifest even when one stops the run."""
+        (self.out / "stacks").mkdir(parents=True, exist_ok=True)
+        try:
+            for k_field, ((tel, filt), rows, frames) in enumerate(fields):
+                self.do_field(k_field, tel, filt, rows, frames)
+        finally:
+            if self.depth:
+                self.write_depth(fields)
+            r = self.report
+            save_manifest(self.manifest, self.out, argv, made=len(r.made), already=len(r.already),
+                          failed=len(r.failed))
+
+    def do_field(self, k_field: int, tel: str, filt: str, rows: list[dict], frames: list) -> None:
+        """The stacks of one field: made (unless already there), measured, their depth kept."""
+        # N = 1 (the first exposure, resampled and measured the same way) is the baseline
+        ns = sorted({1} | {n for n in self.config.n_stack if n <= len(frames)})
+        too_many = [n for n in self.config.n_stack if n > len(frames)]
+        if too_many:
+            self.report.notes.append(f"{tel} {filt} field {k_field}: {len(frames)} exposures; N = "
+                                     f"{', '.join(map(str, too_many))} not made")
+        label = f"coadd_{tel}_{filt}" + (f"_field{k_field}" if k_field else "")
+        nights = sorted({str(r.get("night")) for r in rows[:max(ns)]})
+        for n in ns:
+            st = self.stack(f"{label}_N{n:03d}", tel, filt, k_field, nights, frames[:n])
+            if not self.make_stack(st):
+                continue
+            found = self.measure_stack(st)
+            if found is not None:
+                self.add_depth(st, *found)
+
+    def stack(self, name: str, tel: str, filt: str, k_field: int, nights: list[str], frames: list) -> _Stack:
+        """A stack of ``frames`` with its grid, paths and signature."""
+        from ..stacks.coadd import output_grid
+
+        # each stack on the grid covering its own frames: STATIC on an image with wide
+        # empty margins (a grid made for more dithers) is needlessly fragile
+        grid = output_grid(frames, self.config.pixel_scale_arcsec)
+        # the tiling does not change the coadd (tested), so it is not part of what it is made of
+        same = {k: v for k, v in self.cfg["coadd"].items() if k not in ("tile_px", "frames_per_task")}
+        sig = signature("coadd", name, [f.exposure for f in frames], {**same, "grid": grid.header})
+        return _Stack(name, tel, filt, k_field, nights, frames, grid, sig,
+                      self.out / f"{name}.zarr", self.out / f"{name}.fits")
+
+    def make_stack(self, st: _Stack) -> bool:
+        """Resample and combine ``st`` into its Zarr store and FITS file (unless they are there
+        with the same signature) and list them in the manifest; False when it failed."""
+        from ..stacks.coadd import coadd as lazy_coadd
+
+        done = self.manifest.get(st.zpath)
+        if (done is not None and done.get("signature") == st.sig and (st.zpath / "zarr.json").is_file()
+                and st.fpath.is_file()):
+            self.report.already.append(st.name)
+            return True
+        try:
+            tc = time.perf_counter()
+            self.manifest.remove(st.zpath)
+            self.manifest.remove(st.fpath)
+            ds = lazy_coadd(st.frames, st.grid, self.config)
+            with writing(self.out, f"the coadd {st.name}"):
+                atomic_zarr(self.client, ds, st.zpath, f"coadd {st.name}", self.progress)
+                self._write_fits(st, ds.attrs)
+            common = dict(telescope=st.tel, filter=st.filt, night=st.nights, config=self.cfg,
+                          inputs=[f.exposure for f in st.frames], ncombine=st.n, signature=st.sig,
+                          catalogs=str(self.catdir.resolve()), reduced=str(Path(self.reduced).resolve()),
+                          shape=list(st.grid.shape), combine=self.config.combine)
+            self.manifest.add("coadd", st.zpath, format="zarr", **common)
+            self.manifest.add("coadd", st.fpath, format="fits", extensions=["SCI", "WHT", "CNT", "FLG"], **common)
+            with writing(self.out, "the manifest"):  # each stack recorded as soon as it is there
+                self.manifest.write()
+            self.report.made.append(st.name)
+            self.report.frame_seconds.append((time.perf_counter() - tc) / st.n)
+        except Exception as exc:
+            if stops_the_run(exc, [self.out]) or isinstance(exc, StoreError):
+                raise
+            self.report.failed.append((st.name, error_text(exc)))
+            return False
+        return True
+
+    def _write_fits(self, st: _Stack, attrs: dict) -> None:
+        """The FITS file of the stack (from its Zarr store, on a worker), with provenance."""
+        from .. import __version__
+        from ..stacks.coadd import fits_header, write_fits
+
+        hdr = fits_header(attrs, {"DATE": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())})
+        hdr["HISTORY"] = f"mstdask {__version__} coadd of {st.n} exposures from {self.catdir.resolve()}"
+        hdr["HISTORY"] = f"reduced store {Path(self.reduced).resolve()}"
+        for chunk in _chunks(json.dumps(self.cfg["coadd"], sort_keys=True), 60):
+            hdr["HISTORY"] = chunk
+        tmpf = tmp_name(st.fpath)
+        self.client.submit(write_fits, str(st.zpath), str(tmpf), hdr, pure=False).result()
+        os.replace(tmpf, st.fpath)
+
+    def measure_stack(self, st: _Stack) -> tuple[Path, dict] | None:
+        """STATIC on the stack (unless its catalogue is there with the same signature), listed
+        in the manifest: ``(catalogue path, record)``, or None when not measured."""
+        if self.refcat_path is None:
+            self.report.notes.append(f"{st.name}: no reference catalogue named in {self.catdir}/manifest.json: "
+                                     "no stack photometry")
+            return None
+        spath = self.out / "stacks" / f"{st.name}_sources.parquet"
+        psig = signature("coadd_catalog", st.name, [st.sig], {"photometry": self.cfg["photometry"],
+                                                               "astrometry": self.cfg["astrometry"]})
+        rec = _earlier_record(spath, psig)
+        if rec is None:
+            rec = self._photometry(st, spath, psig)
+            if rec is None:
+                return None
+            if rec.get("status") != "ok":
+                self.report.flagged.append((st.name, rec.get("reason", "")))
+                return None
+            self.report.measured.append(st.name)
+        self.manifest.add("coadd_catalog", spath, telescope=st.tel, filter=st.filt, night=st.nights,
+                          inputs=[str(st.zpath.resolve())], config=self.cfg, ncombine=st.n, signature=psig,
+                          sources=int(rec.get("n_sources") or 0), zero_point=rec.get("zero_point"),
+                          noise_correlation=rec.get("noise_correlation"))
+        return spath, rec
+
+    def _photometry(self, st: _Stack, spath: Path, psig: str) -> dict | None:
+        """Run STATIC on the stack on a worker: its exposure record, or None when it failed."""
+        import math as _m
+
+        import numpy as np
+
+        from ..stacks.coadd import stack_photometry_task
+
+        grid = st.grid
+        ra0, dec0 = (float(v[0]) for v in grid.wcs.all_pix2world([(grid.shape[1] - 1) / 2],
+                                                                 [(grid.shape[0] - 1) / 2], 0))
+        radius = _m.hypot(*grid.shape) / 2 * self.config.pixel_scale_arcsec / 3600 * 1.2
+        meta = {"exposure": st.name, "time": int(st.frames[0].time), "night": st.nights[0], "telescope": st.tel,
+                "filter": st.filt, "path": str(st.zpath),
+                "mjd_mid": float(np.mean([f.time for f in st.frames]) / 86400e9 + 40587.0)}
+        fut = self.client.submit(stack_photometry_task, str(st.zpath), str(spath), str(self.refcat_path),
+                                 self.refcat_cfg, ra0=ra0, dec0=dec0, radius_deg=radius, meta=meta,
+                                 signature=psig, config=self.phot_config, astro_config=self.astro_config,
+                                 pure=False, retries=1)
+        try:
+            with progress_bar(1, f"photometry {st.name}", self.progress, unit="stack") as bar:
+                rec = fut.result()
+                bar.update()
+        except Exception as exc:
+            if stops_the_run(exc, [self.out]):
+                raise write_error(exc, self.out, "the stack catalogues") from None
+            self.report.failed.append((st.name, f"photometry: {error_text(exc)}"))
+            return None
+        return rec
+
+    def add_depth(self, st: _Stack, spath: Path, rec: dict) -> None:
+        """The stack's row of the depth table (and its points for the figure, first field only)."""
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        from ..stacks.coadd import depth_rows
+
+        s = pq.read_table(spath, columns=["mag_aper", "magerr_aper", "flags", "extract_flags"]).to_pydict()
+        d = depth_rows(s, st.n, self.config.mag_bin, self.config.limit_snr)
+        self.depth.append({"telescope": st.tel, "filter": st.filt, "field": st.k_field, "stack": st.name, **d,
+                           "noise_correlation": rec.get("noise_correlation"), "gain_eff": rec.get("gain_eff"),
+                           "seeing_arcsec": rec.get("seeing_arcsec")})
+        if st.k_field == 0:
+            self.points[st.n] = (np.asarray(s["mag_aper"]), np.asarray(s["magerr_aper"]))
+
+    def write_depth(self, fields: list) -> None:
+        """``depth.parquet`` and ``depth.png`` (Fig. 13, the first field), in the manifest."""
+        import pandas as pd
+
+        from ..stacks.coadd import depth_figure
+
+        depth, out = self.depth, self.out
+        dpath = out / "depth.parquet"
+        df = pd.DataFrame(depth)
+        with writing(out, "the depth table"):
+            atomic_parquet(df, dpath)
+        allk = dict(telescope=sorted({d["telescope"] for d in depth}), filter=sorted({d["filter"] for d in depth}),
+                    night=sorted({n for _, rows, _ in fields for n in (str(r.get("night")) for r in rows)}),
+                    config=self.cfg)
+        self.manifest.add("coadd_depth", dpath, inputs=sorted({str(d["stack"]) for d in depth}),
+                          columns=list(df.columns), **allk)
+        first_field = [d for d in depth if d["field"] == 0 and d["telescope"] == depth[0]["telescope"]
+                       and d["filter"] == depth[0]["filter"]]
+        fig = depth_figure(first_field, self.points, title=f"{depth[0]['telescope']} {depth[0]['filter']}: "
+                                                           "magnitude error of N-exposure stacks (Fig. 13)")
+        ppath = out / "depth.png"
+        with writing(out, "the depth figure"):
+            write_png(fig, ppath)
+        self.manifest.add("figure", ppath, inputs=[str(dpath.resolve())], figure="Fig. 13", **allk)
+        self.report.depth = depth
+
+
+def _earlier_record(spath: Path, psig: str) -> dict | None:
+    """The exposure record of a stack catalogue already there with signature ``psig``, else None."""
+    if not spath.exists():
+        return None
+    from ..static.photometry import read_exposure_record
+
+    try:
+        rec = read_exposure_record(spath)
+    except Exception:  # unreadable: measured again
+        return None
+    return rec if rec.get("signature") == psig else None
 
 
 def coadd(catdir_or_reduced: str | os.PathLike, out_dir: str | os.PathLike, client, config=None,
@@ -199,24 +468,8 @@ def coadd(catdir_or_reduced: str | os.PathLike, out_dir: str | os.PathLike, clie
     InsufficientDataError
         No usable exposure in CATDIR.
     """
-    import math as _m
-
-    import numpy as np
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    from .. import __version__
-    from ..config import AstrometryConfig, CoaddConfig, PhotometryConfig, RefcatConfig
+    from ..config import CoaddConfig
     from ..errors import InsufficientDataError
-    from ..stacks.coadd import coadd as lazy_coadd
-    from ..stacks.coadd import (
-        depth_figure,
-        depth_rows,
-        fits_header,
-        output_grid,
-        stack_photometry_task,
-        write_fits,
-    )
 
     config = config or CoaddConfig()
     t0 = time.perf_counter()
@@ -225,168 +478,15 @@ def coadd(catdir_or_reduced: str | os.PathLike, out_dir: str | os.PathLike, clie
     catdir, reduced, entry = _coadd_inputs(Path(catdir_or_reduced), catalogs)
     check_writable(out, "the coadds")
     clear_temporaries(out)
-    cat_cfg = entry.get("config") or {}
-    phot_config = phot_config or PhotometryConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                                     for k, v in (cat_cfg.get("photometry") or {}).items()})
-    astro_config = astro_config or AstrometryConfig(**(cat_cfg.get("astrometry") or {}))
-    refcat_cfg = RefcatConfig(**(cat_cfg.get("refcat") or {}))
-    refcat_path = (entry.get("inputs") or [None, None])[1] if len(entry.get("inputs") or []) > 1 else None
+    stack_configs = _stack_configs(entry, phot_config, astro_config)
     fields = _coadd_frames(catdir, reduced, config, report)
     if not fields:
         raise InsufficientDataError(f"{catdir}: no exposure to coadd (none with status ok and an astrometric "
                                     f"solution; {len(report.skipped)} skipped); run `mstdask photometry` first")
-    cfg = {"coadd": to_dict(config), "photometry": to_dict(phot_config), "astrometry": to_dict(astro_config)}
-    manifest = Manifest(out)
-    depth: list[dict] = []
-    points: dict[int, tuple] = {}
-    (out / "stacks").mkdir(parents=True, exist_ok=True)
-    try:
-        for k_field, ((tel, filt), rows, frames) in enumerate(fields):
-            # N = 1 (the first exposure, resampled and measured the same way) is the baseline
-            ns = sorted({1} | {n for n in config.n_stack if n <= len(frames)})
-            too_many = [n for n in config.n_stack if n > len(frames)]
-            if too_many:
-                report.notes.append(f"{tel} {filt} field {k_field}: {len(frames)} exposures; N = "
-                                    f"{', '.join(map(str, too_many))} not made")
-            label = f"coadd_{tel}_{filt}" + (f"_field{k_field}" if k_field else "")
-            nights = sorted({str(r.get("night")) for r in rows[:max(ns)]})
-            for n in ns:
-                stack = frames[:n]
-                # each stack on the grid covering its own frames: STATIC on an image with wide
-                # empty margins (a grid made for more dithers) is needlessly fragile
-                grid = output_grid(stack, config.pixel_scale_arcsec)
-                name = f"{label}_N{n:03d}"
-                zpath, fpath = out / f"{name}.zarr", out / f"{name}.fits"
-                # the tiling does not change the coadd (tested), so it is not part of what it is made of
-                same = {k: v for k, v in cfg["coadd"].items() if k not in ("tile_px", "frames_per_task")}
-                sig = signature("coadd", name, [f.exposure for f in stack], {**same, "grid": grid.header})
-                done = manifest.get(zpath)
-                if (done is not None and done.get("signature") == sig and (zpath / "zarr.json").is_file()
-                        and fpath.is_file()):
-                    report.already.append(name)
-                else:
-                    try:
-                        tc = time.perf_counter()
-                        manifest.remove(zpath)
-                        manifest.remove(fpath)
-                        ds = lazy_coadd(stack, grid, config)
-                        tmpz = out / f".{name}.zarr.tmp"
-                        shutil.rmtree(tmpz, ignore_errors=True)
-                        with writing(out, f"the coadd {name}"):
-                            with warnings.catch_warnings():
-                                warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
-                                job = ds.to_zarr(str(tmpz), mode="w", compute=False, zarr_format=3)
-                            fut = client.compute(job, retries=TASK_RETRIES)
-                            with progress_bar(1, f"coadd {name}", progress, unit="stack") as bar:
-                                fut.result()
-                                bar.update()
-                            shutil.rmtree(zpath, ignore_errors=True)
-                            os.replace(tmpz, zpath)
-                            hdr = fits_header(ds.attrs, {"DATE": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())})
-                            hdr["HISTORY"] = f"mstdask {__version__} coadd of {n} exposures from {catdir.resolve()}"
-                            hdr["HISTORY"] = f"reduced store {Path(reduced).resolve()}"
-                            for chunk in _chunks(json.dumps(cfg["coadd"], sort_keys=True), 60):
-                                hdr["HISTORY"] = chunk
-                            tmpf = out / f".{name}.fits.tmp"
-                            client.submit(write_fits, str(zpath), str(tmpf), hdr, pure=False).result()
-                            os.replace(tmpf, fpath)
-                        common = dict(telescope=tel, filter=filt, night=nights, config=cfg,
-                                      inputs=[f.exposure for f in stack], ncombine=n, signature=sig,
-                                      catalogs=str(catdir.resolve()), reduced=str(Path(reduced).resolve()),
-                                      shape=list(grid.shape), combine=config.combine)
-                        manifest.add("coadd", zpath, format="zarr", **common)
-                        manifest.add("coadd", fpath, format="fits", extensions=["SCI", "WHT", "CNT", "FLG"], **common)
-                        with writing(out, "the manifest"):
-                            manifest.write()
-                        report.made.append(name)
-                        report.frame_seconds.append((time.perf_counter() - tc) / n)
-                    except Exception as exc:
-                        if stops_the_run(exc, [out]) or isinstance(exc, StoreError):
-                            raise
-                        report.failed.append((name, f"{type(exc).__name__}: {exc}"))
-                        continue
-                # STATIC on the stack
-                if refcat_path is None:
-                    report.notes.append(f"{name}: no reference catalogue named in {catdir}/manifest.json: "
-                                        "no stack photometry")
-                    continue
-                spath = out / "stacks" / f"{name}_sources.parquet"
-                psig = signature("coadd_catalog", name, [sig], {"photometry": cfg["photometry"],
-                                                                 "astrometry": cfg["astrometry"]})
-                rec = None
-                if spath.exists():
-                    from ..static.photometry import read_exposure_record
-
-                    try:
-                        rec = read_exposure_record(spath)
-                        if rec.get("signature") != psig:
-                            rec = None
-                    except Exception:
-                        rec = None
-                if rec is None:
-                    cw = grid.wcs
-                    ra0, dec0 = (float(v[0]) for v in cw.all_pix2world([(grid.shape[1] - 1) / 2],
-                                                                        [(grid.shape[0] - 1) / 2], 0))
-                    radius = _m.hypot(*grid.shape) / 2 * config.pixel_scale_arcsec / 3600 * 1.2
-                    meta = {"exposure": name, "time": int(stack[0].time), "night": nights[0], "telescope": tel,
-                            "filter": filt, "path": str(zpath),
-                            "mjd_mid": float(np.mean([f.time for f in stack]) / 86400e9 + 40587.0)}
-                    fut = client.submit(stack_photometry_task, str(zpath), str(spath), str(refcat_path), refcat_cfg,
-                                        ra0=ra0, dec0=dec0, radius_deg=radius, meta=meta, signature=psig,
-                                        config=phot_config, astro_config=astro_config, pure=False,
-                                        retries=1)
-                    try:
-                        with progress_bar(1, f"photometry {name}", progress, unit="stack") as bar:
-                            rec = fut.result()
-                            bar.update()
-                    except Exception as exc:
-                        if stops_the_run(exc, [out]):
-                            raise write_error(exc, out, "the stack catalogues") from None
-                        report.failed.append((name, f"photometry: {type(exc).__name__}: {exc}"))
-                        continue
-                    if rec.get("status") != "ok":
-                        report.flagged.append((name, rec.get("reason", "")))
-                        continue
-                    report.measured.append(name)
-                manifest.add("coadd_catalog", spath, telescope=tel, filter=filt, night=nights,
-                             inputs=[str(zpath.resolve())], config=cfg, ncombine=n, signature=psig,
-                             sources=int(rec.get("n_sources") or 0), zero_point=rec.get("zero_point"),
-                             noise_correlation=rec.get("noise_correlation"))
-                s = pq.read_table(spath, columns=["mag_aper", "magerr_aper", "flags", "extract_flags"]).to_pydict()
-                d = depth_rows(s, n, config.mag_bin, config.limit_snr)
-                depth.append({"telescope": tel, "filter": filt, "field": k_field, "stack": name, **d,
-                              "noise_correlation": rec.get("noise_correlation"), "gain_eff": rec.get("gain_eff"),
-                              "seeing_arcsec": rec.get("seeing_arcsec")})
-                if k_field == 0:
-                    points[n] = (np.asarray(s["mag_aper"]), np.asarray(s["magerr_aper"]))
-    finally:
-        if depth:
-            dpath = out / "depth.parquet"
-            df = pd.DataFrame(depth)
-            with writing(out, "the depth table"):
-                atomic_parquet(df, dpath)
-            allk = dict(telescope=sorted({d["telescope"] for d in depth}), filter=sorted({d["filter"] for d in depth}),
-                        night=sorted({n for _, rows, _ in fields for n in (str(r.get("night")) for r in rows)}),
-                        config=cfg)
-            manifest.add("coadd_depth", dpath, inputs=sorted({str(d["stack"]) for d in depth}),
-                         columns=list(df.columns), **allk)
-            first_field = [d for d in depth if d["field"] == 0 and d["telescope"] == depth[0]["telescope"]
-                           and d["filter"] == depth[0]["filter"]]
-            fig = depth_figure(first_field, points, title=f"{depth[0]['telescope']} {depth[0]['filter']}: "
-                                                        "magnitude error of N-exposure stacks (Fig. 13)")
-            ppath = out / "depth.png"
-            with writing(out, "the depth figure"):
-                write_png(fig, ppath)
-            manifest.add("figure", ppath, inputs=[str(dpath.resolve())], figure="Fig. 13", **allk)
-            report.depth = depth
-        manifest.record_run(argv, made=len(report.made), already=len(report.already), failed=len(report.failed))
-        with writing(out, "the manifest"):
-            manifest.write()
+    _CoaddJob(client, out, config, progress, catdir, reduced, stack_configs, report).run(fields, argv)
     report.seconds = time.perf_counter() - t0
     return report
 
 
 def _chunks(text: str, size: int) -> list[str]:
     return [text[i:i + size] for i in range(0, len(text), size)]
-
-

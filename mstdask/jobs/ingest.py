@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -13,12 +14,12 @@ from ..config import IngestConfig, SiteConfig
 from ..errors import BadInputError, MstdaskError
 from ..io import FrameInfo, discover, scan_frame
 from ..store import IngestLock, RawStore, write_frame
-from ._job import TASK_RETRIES, check_writable, progress_bar, stops_the_run, writing
+from ._job import TASK_RETRIES, JobReport, check_writable, completed, error_text, writing
 from ._plan import Plan, _infos_table, _store_table
 
 
 @dataclass
-class IngestReport:
+class IngestReport(JobReport):
     """What an ingest did.
 
     Attributes
@@ -40,25 +41,31 @@ class IngestReport:
     resumed: list[str] = field(default_factory=list)
     already: list[str] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
     bytes_written: int = 0
     #: Reports of the steps ``run_pipeline`` ran after the ingest (calibrate, reduce, ...).
     steps: list = field(default_factory=list)
 
+    _FAILS = ("rejected",)
+
     @property
     def ok(self) -> bool:
         """True when nothing was rejected (and no later step of the run failed)."""
-        return not self.rejected and all(step.ok for step in self.steps)
+        return super().ok and all(step.ok for step in self.steps)
 
-    def summary(self) -> str:
-        """Human-readable summary, one line per rejected file."""
+    def headline(self) -> str:
+        """Frames written, resumed, already present and rejected; megabytes and rate."""
         mb = self.bytes_written / 1e6
         rate = f", {mb / self.seconds:.0f} MB/s" if self.seconds > 0 and mb > 0 else ""
-        lines = [f"ingest {self.store}: {len(self.written)} frames written "
-                 f"({len(self.resumed)} resumed), {len(self.already)} already present, "
-                 f"{len(self.rejected)} rejected; {mb:.0f} MB in {self.seconds:.1f} s{rate}"]
-        for path, reason in self.rejected:
-            lines.append(f"  REJECTED {path}: {reason}" if not reason.startswith(path) else f"  REJECTED {reason}")
+        return (f"ingest {self.store}: {len(self.written)} frames written "
+                f"({len(self.resumed)} resumed), {len(self.already)} already present, "
+                f"{len(self.rejected)} rejected; {mb:.0f} MB in {self.seconds:.1f} s{rate}")
+
+    def summary(self) -> str:
+        """Human-readable summary, one line per rejected file (its reason alone when the
+        reason already starts with the path)."""
+        lines = [super().summary()]
+        lines += [f"  REJECTED {reason}" if reason.startswith(path) else f"  REJECTED {path}: {reason}"
+                  for path, reason in self.rejected]
         return "\n".join(lines)
 
 
@@ -73,9 +80,42 @@ def _scan_task(path: str, site: SiteConfig, force: str | None):
 
 def _write_task(store_path: str, index: int, info: FrameInfo):
     try:
-        return write_frame(store_path, index, info)
+        return write_frame(store_path, index, info)  # looked up now: tests replace it
     except MstdaskError as exc:
         return exc
+
+
+def _rejection(res) -> tuple[str, str] | None:
+    """``(path, reason)`` when a task returned one of our errors, else None."""
+    if isinstance(res, BadInputError):
+        return (res.path or "?", res.problem)
+    if isinstance(res, MstdaskError):
+        return ("?", str(res))
+    return None
+
+
+def _first_of_each(infos: list[FrameInfo]) -> tuple[list[FrameInfo], list[FrameInfo]]:
+    """The headers in time order, the first of each exposure, and the later copies (the
+    same exposure twice in one call, under two paths)."""
+    seen: set[str] = set()
+    unique, copies = [], []
+    for info in sorted(infos, key=lambda i: (i.time, i.path)):
+        (copies if info.key in seen else unique).append(info)
+        seen.add(info.key)
+    return unique, copies
+
+
+def _of_shape(unique: list[FrameInfo], shape: tuple, rejected: list[tuple[str, str]]) -> list[FrameInfo]:
+    """The frames of the store's ``shape``; the others are added to ``rejected``."""
+    good = []
+    for info in unique:
+        if info.shape != shape:
+            rejected.append((info.path, f"frame is {info.shape[1]}x{info.shape[0]} pixels, the store holds "
+                                        f"{shape[1]}x{shape[0]} frames; ingest it into a store of its own"))
+        else:
+            good.append(info)
+    return good
+
 
 def ingest(inputs: Iterable[str | os.PathLike], store_path: str | os.PathLike, client,
            config: IngestConfig | None = None, progress: bool = True) -> IngestReport:
@@ -102,48 +142,46 @@ def ingest(inputs: Iterable[str | os.PathLike], store_path: str | os.PathLike, c
     -------
     IngestReport
     """
-    from distributed import as_completed
-
     config = config or IngestConfig()
     t0 = time.perf_counter()
     store_path = str(Path(store_path).resolve())
     report = IngestReport(store=store_path)
     files, missing = discover(inputs)
     report.rejected.extend(missing)
+    unique, copies = _first_of_each(_scan_headers(files, client, config, progress, report))
+    report.already.extend(i.path for i in copies)
+    if unique:
+        _into_store(store_path, unique, client, config, progress, report)
+    report.seconds = time.perf_counter() - t0
+    return report
 
-    # 1. Headers, in parallel: cheap, and every header problem is known before any write.
+
+def _scan_headers(files: list[str], client, config: IngestConfig, progress: bool,
+                  report: IngestReport) -> list[FrameInfo]:
+    """Every file's header, in parallel: cheap, and every header problem is known before any
+    write. Files that cannot be read are added to ``report.rejected``."""
+    if not files:
+        return []
+    futures = client.map(_scan_task, files, site=config.site, force=config.force_imagetyp, pure=False,
+                         retries=TASK_RETRIES)
     infos: list[FrameInfo] = []
-    if files:
-        futures = client.map(_scan_task, files, site=config.site, force=config.force_imagetyp, pure=False,
-                             retries=TASK_RETRIES)
-        with progress_bar(len(files), "scan headers", progress) as bar:
-            for fut in as_completed(futures):
-                res = fut.result()
-                if isinstance(res, BadInputError):
-                    report.rejected.append((res.path or "?", res.problem))
-                elif isinstance(res, MstdaskError):
-                    report.rejected.append(("?", str(res)))
-                else:
-                    infos.append(res)
-                bar.update()
-    infos.sort(key=lambda i: (i.time, i.path))
-
-    # The same exposure twice in one call (copies under two paths): keep the first.
-    seen: dict[str, str] = {}
-    unique: list[FrameInfo] = []
-    for info in infos:
-        if info.key in seen:
-            report.already.append(info.path)
+    for _, res, err in completed(client, futures, "scan headers", progress):
+        if err is not None:  # not one of our errors: a bug, not a bad file
+            raise err
+        bad = _rejection(res)
+        if bad:
+            report.rejected.append(bad)
         else:
-            seen[info.key] = info.path
-            unique.append(info)
+            infos.append(res)
+    return infos
 
-    if not unique:
-        report.seconds = time.perf_counter() - t0
-        return report
 
-    # 2. Open or create the store; the frame shape comes from the store, or from the
-    # most common shape of a first ingest. One ingest at a time writes a store.
+def _into_store(store_path: str, unique: list[FrameInfo], client, config: IngestConfig, progress: bool,
+                report: IngestReport) -> None:
+    """Open or create the store and write the frames into it.
+
+    The frame shape comes from the store, or from the most common shape of a first ingest.
+    One ingest at a time writes a store."""
     exists = Path(store_path, "zarr.json").exists()
     if exists:
         RawStore.open(store_path, mode="r")  # not an mstdask store: that error first
@@ -155,25 +193,25 @@ def ingest(inputs: Iterable[str | os.PathLike], store_path: str | os.PathLike, c
             RawStore.create(store_path, shape, config.layout, config.site)
         with IngestLock(store_path):
             _write_frames(RawStore.open(store_path, mode="r+"), unique, client, config, progress, report)
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def _write_frames(store: RawStore, unique: list[FrameInfo], client, config: IngestConfig, progress: bool,
                   report: IngestReport) -> None:
-    from distributed import as_completed
+    """Write the pixels of the frames not yet in ``store`` (and finish interrupted ones)."""
+    jobs = _frame_jobs(store, unique, report)
+    if jobs:
+        store.clear_partial([idx for idx, _, _ in jobs])  # left by workers killed while writing
+        _write_pixels(store, jobs, client, config, progress, report)
 
-    store_path = store.path
-    shape = store.frame_shape
-    good = []
-    for info in unique:
-        if info.shape != shape:
-            report.rejected.append((info.path, f"frame is {info.shape[1]}x{info.shape[0]} pixels, the store holds "
-                                               f"{shape[1]}x{shape[0]} frames; ingest it into a store of its own"))
-        else:
-            good.append(info)
 
-    # 3. What is new, what was interrupted, what is there already.
+def _frame_jobs(store: RawStore, unique: list[FrameInfo], report: IngestReport) -> list[tuple[int, FrameInfo, bool]]:
+    """What is new, what was interrupted, what is there already.
+
+    Returns ``(frame index, info, resumed)`` for each frame to write: the slots an interrupted
+    ingest left first (pointed at their new path), then new slots reserved for new frames.
+    Frames already written are added to ``report.already``, those of another shape to
+    ``report.rejected``."""
+    good = _of_shape(unique, store.frame_shape, report.rejected)
     known = store.known_keys()
     new = [i for i in good if i.key not in known]
     pending = [i for i in good if i.key in known and not known[i.key][1]]
@@ -181,56 +219,55 @@ def _write_frames(store: RawStore, unique: list[FrameInfo], client, config: Inge
     jobs: list[tuple[int, FrameInfo, bool]] = [(known[i.key][0], i, True) for i in pending]
     store.update_paths({idx: info.path for idx, info, _ in jobs})
     jobs += [(idx, info, False) for idx, info in zip(store.reserve(new), new)]
-    if not jobs:
-        return
-    store.clear_partial([idx for idx, _, _ in jobs])  # left by workers killed while writing
+    return jobs
 
-    # 4. Pixels, one frame per task; the driver records finished frames every few seconds.
-    # A task is idempotent (it writes its own frame's shard, the same bytes every time), so
-    # Dask may run it again when a worker dies, and a killed ingest is finished by the next.
-    futures = [client.submit(_write_task, store_path, idx, info, pure=False, retries=TASK_RETRIES)
+
+def _write_pixels(store: RawStore, jobs: list[tuple[int, FrameInfo, bool]], client, config: IngestConfig,
+                  progress: bool, report: IngestReport) -> None:
+    """Pixels, one frame per task; the driver records finished frames every few seconds.
+
+    A task is idempotent (it writes its own frame's shard, the same bytes every time), so
+    Dask may run it again when a worker dies, and a killed ingest is finished by the next."""
+    futures = [client.submit(_write_task, store.path, idx, info, pure=False, retries=TASK_RETRIES)
                for idx, info, _ in jobs]
     resumed_by_index = {idx: was_pending for idx, _, was_pending in jobs}
     path_of = {fut.key: info.path for fut, (_, info, _) in zip(futures, jobs)}
     done: list[int] = []
     last_mark = time.monotonic()
-    completed = False
+    all_done = False
     try:
-        with progress_bar(len(futures), "ingest frames", progress) as bar:
-            for fut in as_completed(futures):
-                try:
-                    res = fut.result()
-                except Exception as exc:  # one file that cannot be written never ends the run ...
-                    if stops_the_run(exc, [store_path]):
-                        raise  # ... but a full disk or a read-only store does: every frame would fail
-                    res = BadInputError(path_of[fut.key], f"cannot be ingested ({type(exc).__name__}: {exc})")
-                if isinstance(res, BadInputError):
-                    report.rejected.append((res.path or "?", res.problem))
-                elif isinstance(res, MstdaskError):
-                    report.rejected.append(("?", str(res)))
+        # a full disk or a read-only store ends the run (every frame would fail): completed raises
+        with closing(completed(client, futures, "ingest frames", progress, outputs=[store.path])) as results:
+            for fut, res, err in results:
+                if err is not None:  # one file that cannot be written never ends the run
+                    res = BadInputError(path_of[fut.key], f"cannot be ingested ({error_text(err)})")
+                bad = _rejection(res)
+                if bad:
+                    report.rejected.append(bad)
                 else:
                     done.append(res["index"])
                     report.written.append(res["path"])
                     if resumed_by_index[res["index"]]:
                         report.resumed.append(res["path"])
                     report.bytes_written += res["bytes"]
-                bar.update()
                 if time.monotonic() - last_mark > config.mark_every_s:
                     store.mark_ingested(done)
                     done.clear()
                     last_mark = time.monotonic()
-        completed = True
+        all_done = True
     finally:
-        # Also on Ctrl-C or a full disk: what is written is recorded, the rest is finished
-        # next time (when recording fails too, those frames are simply written again).
-        client.cancel(futures)
+        # Also on Ctrl-C or a full disk (the frames still running are cancelled first): what
+        # is written is recorded, the rest is finished next time (when recording fails too,
+        # those frames are simply written again).
         try:
             store.mark_ingested(done)
             store.consolidate()
         except OSError:
-            if completed:
+            if all_done:
                 raise
         store.clear_partial([idx for idx, _, _ in jobs])
+
+
 def _ingest_plan(inputs, store_path, config: IngestConfig):
     """The ingest plan, the frames it would write, the table of the store and its layout."""
     from concurrent.futures import ThreadPoolExecutor
@@ -244,21 +281,12 @@ def _ingest_plan(inputs, store_path, config: IngestConfig):
     infos: list[FrameInfo] = []
     with ThreadPoolExecutor(max_workers=8) as pool:  # headers only: I/O bound
         for res in pool.map(lambda f: _scan_task(f, config.site, config.force_imagetyp), files):
-            if isinstance(res, BadInputError):
-                rejected.append((res.path or "?", res.problem))
-            elif isinstance(res, MstdaskError):
-                rejected.append(("?", str(res)))
+            bad = _rejection(res)
+            if bad:
+                rejected.append(bad)
             else:
                 infos.append(res)
-    infos.sort(key=lambda i: (i.time, i.path))
-    seen: set[str] = set()
-    unique, dups = [], 0
-    for info in infos:
-        if info.key in seen:
-            dups += 1
-        else:
-            seen.add(info.key)
-            unique.append(info)
+    unique, copies = _first_of_each(infos)
     store_path = Path(store_path)
     if Path(store_path, "zarr.json").exists():
         store = RawStore.open(store_path, mode="r")
@@ -268,16 +296,10 @@ def _ingest_plan(inputs, store_path, config: IngestConfig):
         shape = Counter(i.shape for i in unique).most_common(1)[0][0] if unique else (0, 0)
         tile = (tile_edge(shape[0], config.layout.tile), tile_edge(shape[1], config.layout.tile))
         known, table = {}, _infos_table([])
-    good = []
-    for info in unique:
-        if info.shape != shape:
-            rejected.append((info.path, f"frame is {info.shape[1]}x{info.shape[0]} pixels, the store holds "
-                                        f"{shape[1]}x{shape[0]} frames; ingest it into a store of its own"))
-        else:
-            good.append(info)
+    good = _of_shape(unique, shape, rejected)
     jobs = [i for i in good if i.key not in known or not known[i.key][1]]
     resumed = sum(1 for i in jobs if i.key in known)
-    already = len(good) - len(jobs) + dups
+    already = len(good) - len(jobs) + len(copies)
     npix = int(np.prod(shape))
     plan = Plan("ingest", str(store_path), frames=Counter((i.night, i.telescope, i.imagetyp) for i in jobs),
                 tasks=len(files) + len(jobs), bytes_read=sum(os.path.getsize(i.path) for i in jobs),
@@ -294,4 +316,3 @@ def plan_ingest(inputs: Iterable[str | os.PathLike], store_path: str | os.PathLi
                 config: IngestConfig | None = None) -> Plan:
     """What ``ingest`` would do: the headers are read (in threads, no cluster), nothing is written."""
     return _ingest_plan(inputs, store_path, config or IngestConfig())[0]
-

@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from ..config import to_dict
 from ..errors import MstdaskError
 from ..manifest import Manifest
 from ._job import (
     TASK_RETRIES,
+    JobReport,
     check_writable,
-    progress_bar,
-    stops_the_run,
-    write_error,
+    completed,
+    error_text,
+    save_manifest,
     writing,
 )
 from .photometry import _ok_exposures
 
 
 @dataclass
-class LightcurveReport:
-    """What ``lightcurves`` did: exposures added to the cube, already there, failed."""
+class LightcurveReport(JobReport):
+    """What ``lightcurves`` did: exposures added to the cube, already there, failed.
+
+    ``ok`` is True when no exposure failed (exposures flagged by ``photometry`` are skipped,
+    not failures).
+    """
 
     out_path: str
     added: list[str] = field(default_factory=list)
@@ -35,25 +42,18 @@ class LightcurveReport:
     epochs: int = 0
     rows: int = 0
     matched: int = 0
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
 
-    @property
-    def ok(self) -> bool:
-        """True when no exposure failed (exposures flagged by ``photometry`` are skipped, not failures)."""
-        return not self.failed
+    _LISTED: ClassVar[tuple[tuple[str, str], ...]] = (("SKIPPED", "skipped"), ("FAILED", "failed"))
+    _FAILS: ClassVar[tuple[str, ...]] = ("failed",)
+    _NOTE: ClassVar[str] = "NOTE"
 
-    def summary(self) -> str:
-        """Human-readable summary."""
+    def headline(self) -> str:
+        """Exposures added, already there, skipped and failed; the cube's size."""
         rate = f", {self.rows / self.seconds:,.0f} rows/s" if self.seconds > 0 and self.rows else ""
-        lines = [f"lightcurves {self.out_path}: {len(self.added)} exposures added ({self.rows} detections, "
-                 f"{self.matched} matched{rate}), {self.already} already in the cube, {len(self.skipped)} skipped, "
-                 f"{len(self.failed)} failed; cube {self.sources} sources ({self.new_sources} new) x {self.epochs} "
-                 f"epochs in {self.seconds:.1f} s"]
-        lines += [f"  NOTE {n}" for n in self.notes]
-        lines += [f"  SKIPPED {e}: {why}" for e, why in self.skipped]
-        lines += [f"  FAILED {e}: {why}" for e, why in self.failed]
-        return "\n".join(lines)
+        return (f"lightcurves {self.out_path}: {len(self.added)} exposures added ({self.rows} detections, "
+                f"{self.matched} matched{rate}), {self.already} already in the cube, {len(self.skipped)} skipped, "
+                f"{len(self.failed)} failed; cube {self.sources} sources ({self.new_sources} new) x {self.epochs} "
+                f"epochs in {self.seconds:.1f} s")
 
 
 def _catalog_exposures(catdir: Path, report: LightcurveReport) -> list[dict]:
@@ -95,6 +95,212 @@ def _catalog_refcat(catdir: Path, refcat_path, filt: str | None, report: Lightcu
 #: Exposures per cross-match task of the first pass of ``lightcurves``.
 _MATCH_GROUP = 8
 
+#: A block: the exposures of one chunk column, as ``(epoch slot, exposure record)``.
+_Block = list[tuple[int, dict]]
+
+
+@dataclass
+class _Run:
+    """What the steps of one ``lightcurves`` run share."""
+
+    client: object
+    cube: object  # CubeStore
+    out: Path
+    config: object  # LightcurveConfig
+    report: LightcurveReport
+    progress: bool
+
+
+def _open_cube(out: Path, config, report: LightcurveReport):
+    """The cube ``out`` and its configuration (the stored one unless ``config`` is given),
+    created when it is not there yet."""
+    from ..config import LightcurveConfig
+    from ..lightcurves.cube import CubeStore
+
+    if (out / "zarr.json").exists():
+        cube = CubeStore.open(out)
+        stored = cube.group.attrs.get("config", {})
+        config = config or LightcurveConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+        if cube.chunks != (config.source_chunk, config.epoch_chunk):
+            report.notes.append(f"the cube's chunks {cube.chunks} are kept (config asks "
+                                f"{(config.source_chunk, config.epoch_chunk)})")
+    else:
+        config = config or LightcurveConfig()
+        with writing(out.parent, "the light-curve cube"):
+            cube = CubeStore.create(out, config)
+    return cube, config
+
+
+def _todo(cube, exps: list[dict], report: LightcurveReport) -> list[tuple[int, dict]]:
+    """Each exposure to write and its epoch slot: written epochs are skipped, unwritten ones
+    (a killed run) redone in place, new exposures go into slots after the cube's last."""
+    slot_of = {str(e): i for i, e in enumerate(cube.coord("exposure"))}
+    written = cube.coord("written")
+    redo, new = [], []
+    for r in exps:
+        i = slot_of.get(str(r["exposure"]))
+        if i is None:
+            new.append(r)
+        elif written[i]:
+            report.already += 1
+        else:
+            redo.append((i, r))
+    n_old = cube.shape[1]
+    return redo + [(n_old + k, r) for k, r in enumerate(new)]
+
+
+def _candidates(run: _Run, catdir: Path, refcat_path, filt: str):
+    """The sources pass 1 matches to: the cube's, then the reference stars not in it yet.
+
+    Returns ``(refcat, ref_rows, ra, dec)``: ``ref_rows`` are the reference rows appended.
+    """
+    import numpy as np
+
+    ref_known = run.cube.coord("ref_id")
+    refcat = _catalog_refcat(catdir, refcat_path, filt, run.report) if run.config.use_refcat else None
+    if refcat is not None and len(refcat):
+        ref_rows = np.setdiff1d(np.arange(len(refcat)), ref_known[ref_known >= 0])
+    else:
+        ref_rows = np.empty(0, np.int64)
+    ra = np.concatenate([run.cube.coord("ra"), refcat.ra[ref_rows] if len(ref_rows) else []])
+    dec = np.concatenate([run.cube.coord("dec"), refcat.dec[ref_rows] if len(ref_rows) else []])
+    return refcat, ref_rows, ra, dec
+
+
+def _blocks(planned: list[tuple[int, dict]], ec: int) -> list[_Block]:
+    """The exposures grouped by chunk column (``ec`` epochs each), in column order."""
+    return [[(s, r) for s, r in planned if s // ec == col] for col in sorted({s // ec for s, _ in planned})]
+
+
+def _match_pass(run: _Run, blocks: list[_Block], cand_ra, cand_dec) -> tuple[list, list, list, set]:
+    """Pass 1: which candidates are detected, and where the unmatched detections are.
+
+    Writes nothing, so its groups are smaller than a chunk column: that keeps both workers
+    busy on short runs (one k-d tree per group). A failed group or an unreadable catalogue
+    fails its exposures only. Returns ``(hits, unmatched ra, unmatched dec, ids of the failed
+    exposure records)``.
+    """
+    from ..lightcurves.cube import match_task
+
+    client, config, report = run.client, run.config, run.report
+    cra, cdec = client.scatter([cand_ra, cand_dec], broadcast=True)
+    groups = [b[i:i + _MATCH_GROUP] for b in blocks for i in range(0, len(b), _MATCH_GROUP)]
+    futs = {client.submit(match_task, [r["file"] for _, r in g], cra, cdec, config.match_radius_arcsec,
+                          config.magnitude, pure=False, retries=TASK_RETRIES): g for g in groups}
+    hits, ura, udec, bad = [], [], [], set()
+    results = completed(client, list(futs), "lightcurves: match", run.progress, unit="block")
+    with contextlib.closing(results):
+        for fut, res, exc in results:
+            if exc is not None:
+                for _, r in futs[fut]:
+                    bad.add(id(r))
+                    report.failed.append((r["exposure"], error_text(exc)))
+                continue
+            hits.append(res["hit"])
+            ura.append(res["ra"])
+            udec.append(res["dec"])
+            for f, problem in res["bad"]:  # an unreadable catalogue: that exposure only
+                r = next(r for _, r in futs[fut] if r["file"] == f)
+                bad.add(id(r))
+                report.failed.append((r["exposure"], problem))
+    return hits, ura, udec, bad
+
+
+def _new_sources(run: _Run, matched: tuple[list, list, list], refcat, ref_rows, n_cube: int) -> dict:
+    """The sources to append: the reference stars detected, then friends-of-friends groups
+    of the detections that match nothing (mean position)."""
+    import numpy as np
+
+    from ..lightcurves import _lc_kernels as LK
+
+    hits, ura, udec = matched
+    hit = np.unique(np.concatenate(hits)) if hits else np.empty(0, np.int64)
+    ref_hit = ref_rows[hit[hit >= n_cube] - n_cube]
+    nra, ndec, _ = LK.cluster_positions(np.concatenate(ura) if ura else np.empty(0),
+                                        np.concatenate(udec) if udec else np.empty(0),
+                                        run.config.match_radius_arcsec)
+    run.report.new_sources = len(nra)
+    return {"ra": np.concatenate([refcat.ra[ref_hit] if len(ref_hit) else [], nra]),
+            "dec": np.concatenate([refcat.dec[ref_hit] if len(ref_hit) else [], ndec]),
+            "ref_id": np.concatenate([ref_hit, np.full(len(nra), -1)]).astype(np.int64),
+            "ref_mag": np.concatenate([refcat.mag[ref_hit] if len(ref_hit) else [],
+                                       np.full(len(nra), np.nan)]).astype(np.float32)}
+
+
+def _grow_cube(run: _Run, new_src: dict, planned: list[tuple[int, dict]], blocks: list[_Block],
+               n_old: int) -> list[_Block]:
+    """Append the new sources, then the new epochs (``written`` False until their block is
+    done); returns the blocks regrouped by chunk column with the new exposures' final slots
+    (they shift down when a failed group dropped some)."""
+    cube = run.cube
+    alive = {id(r) for b in blocks for _, r in b}
+    keep_new = [r for s, r in planned if s >= n_old and id(r) in alive]
+    with writing(run.out, "the light-curve cube"):
+        cube.add_sources(new_src)
+        slots = cube.add_epochs({
+            "exposure": [r["exposure"] for r in keep_new], "time": [r["time_ns"] for r in keep_new],
+            "mjd_mid": [r.get("mjd_mid") for r in keep_new], "night": [r.get("night") for r in keep_new],
+            "telescope": [r.get("telescope") for r in keep_new], "filter": [r.get("filter") for r in keep_new],
+            "zero_point": [r.get("zero_point") for r in keep_new]})
+        cube.consolidate()
+    slot_new = dict(zip((r["exposure"] for r in keep_new), slots))
+    ec = cube.chunks[1]
+    regroup: dict[int, _Block] = {}
+    for b in blocks:
+        for s, r in b:
+            s = slot_new.get(r["exposure"], s) if s >= n_old else s
+            regroup.setdefault(s // ec, []).append((s, r))
+    return list(regroup.values())
+
+
+def _write_pass(run: _Run, blocks: list[_Block]) -> None:
+    """Pass 2: match and write, one chunk column per task; each finished block is marked
+    written at once (a killed run keeps it). A full disk or a read-only cube stops the run."""
+    from ..lightcurves.cube import write_task
+
+    client, cube, out, config, report = run.client, run.cube, run.out, run.config, run.report
+    mra, mdec = client.scatter([cube.coord("ra"), cube.coord("dec")], broadcast=True)
+    futs = {client.submit(write_task, str(out.resolve()), [r["file"] for _, r in b], [s for s, _ in b], mra, mdec,
+                          config.match_radius_arcsec, config.magnitude, pure=False, retries=TASK_RETRIES): b
+            for b in blocks}
+    results = _stopping(completed(client, list(futs), "lightcurves: write", run.progress, unit="block",
+                                  outputs=[out]), out)
+    try:
+        with contextlib.closing(results):
+            for fut, res, exc in results:
+                b = futs[fut]
+                if exc is not None:
+                    report.failed += [(r["exposure"], error_text(exc)) for _, r in b]
+                    continue
+                cube.mark_written(res["slots"])
+                report.added += [r["exposure"] for _, r in b]
+                report.rows += res["rows"]
+                report.matched += res["matched"]
+    finally:
+        cube.consolidate()
+
+
+def _stopping(results, out: Path):
+    """``results`` with the error that stops the run (the cube cannot be written) turned into
+    one clear :class:`~mstdask.errors.StoreError` (errors of the loop's body are left as they are)."""
+    with contextlib.closing(results), writing(out, "the light-curve cube", "; blocks already written are kept: "
+                                              "run the same command again"):
+        yield from results
+
+
+def _record(run: _Run, catdir: Path, exps: list[dict], argv: list[str] | None) -> None:
+    """List the cube as ``lightcurve_cube`` in the manifest of its folder, with this run."""
+    report, cube = run.report, run.cube
+    manifest = Manifest(run.out.parent)
+    manifest.add("lightcurve_cube", run.out, telescope=sorted({str(r.get("telescope")) for r in exps}),
+                 filter=sorted({str(r.get("filter")) for r in exps}),
+                 night=sorted({str(r.get("night")) for r in exps}),
+                 inputs=[str((catdir / "sources").resolve()), str((catdir / "exposures.parquet").resolve())],
+                 config=to_dict(run.config), sources=report.sources, epochs=report.epochs,
+                 chunks=list(cube.chunks), format="zarr v3: mag, magerr, flags (source, epoch)")
+    save_manifest(manifest, run.out.parent, argv, added=len(report.added), already=report.already,
+                  failed=len(report.failed))
+
 
 def lightcurves(catdir: str | os.PathLike, out_path: str | os.PathLike, client, config=None,
                 progress: bool = True, argv: list[str] | None = None, refcat_path: str | os.PathLike | None = None
@@ -112,156 +318,24 @@ def lightcurves(catdir: str | os.PathLike, out_path: str | os.PathLike, client, 
     next run in the same epochs; new exposures are appended (the cube grows along
     ``epoch``, and along ``source`` for new sources, without rewriting finished chunks).
     """
-    import numpy as np
-    from distributed import as_completed
-
-    from ..config import LightcurveConfig
-    from ..lightcurves import _lc_kernels as LK
-    from ..lightcurves.cube import CubeStore, match_task, write_task
-
     t0 = time.perf_counter()
     catdir, out = Path(catdir), Path(out_path)
     report = LightcurveReport(out_path=str(out.resolve()))
     exps = _catalog_exposures(catdir, report)
     check_writable(out.parent, "the light-curve cube")
-    if (out / "zarr.json").exists():
-        cube = CubeStore.open(out)
-        stored = cube.group.attrs.get("config", {})
-        config = config or LightcurveConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
-        if cube.chunks != (config.source_chunk, config.epoch_chunk):
-            report.notes.append(f"the cube's chunks {cube.chunks} are kept (config asks "
-                                f"{(config.source_chunk, config.epoch_chunk)})")
-    else:
-        config = config or LightcurveConfig()
-        with writing(out.parent, "the light-curve cube"):
-            cube = CubeStore.create(out, config)
-    radius, magcol = config.match_radius_arcsec, config.magnitude
-    sc, ec = cube.chunks
-
-    # what is there: written epochs are skipped, unwritten ones (a killed run) redone in place
-    slot_of = {str(e): i for i, e in enumerate(cube.coord("exposure"))}
-    written = cube.coord("written")
-    redo, new = [], []
-    for r in exps:
-        i = slot_of.get(str(r["exposure"]))
-        if i is None:
-            new.append(r)
-        elif written[i]:
-            report.already += 1
-        else:
-            redo.append((i, r))
-    todo = redo + [(None, r) for r in new]
-    if todo:
-        # pass 1: which candidates are detected, and where the unmatched detections are
-        master_ra, master_dec = cube.coord("ra"), cube.coord("dec")
-        ref_known = cube.coord("ref_id")
-        refcat = _catalog_refcat(catdir, refcat_path, str(todo[0][1].get("filter") or ""), report) \
-            if config.use_refcat else None
-        if refcat is not None and len(refcat):
-            ref_rows = np.setdiff1d(np.arange(len(refcat)), ref_known[ref_known >= 0])
-        else:
-            ref_rows = np.empty(0, np.int64)
-        cand_ra = np.concatenate([master_ra, refcat.ra[ref_rows] if len(ref_rows) else []])
-        cand_dec = np.concatenate([master_dec, refcat.dec[ref_rows] if len(ref_rows) else []])
-        blocks: list[list[tuple[int | None, dict]]] = []
+    cube, config = _open_cube(out, config, report)
+    run = _Run(client, cube, out, config, report, progress)
+    planned = _todo(cube, exps, report)
+    if planned:
         n_old = cube.shape[1]
-        # new exposures go into slots n_old, n_old + 1, ...: group by chunk column
-        planned = [(i if i is not None else n_old + k - len(redo), r) for k, (i, r) in enumerate(todo)]
-        for col in sorted({s // ec for s, _ in planned}):
-            blocks.append([(s, r) for s, r in planned if s // ec == col])
-        cra, cdec = client.scatter([cand_ra, cand_dec], broadcast=True)
-        # pass 1 writes nothing: smaller groups than a chunk column keep both workers busy on
-        # short runs (one k-d tree per group)
-        groups = [b[i:i + _MATCH_GROUP] for b in blocks for i in range(0, len(b), _MATCH_GROUP)]
-        futs = {client.submit(match_task, [r["file"] for _, r in g], cra, cdec, radius, magcol, pure=False,
-                              retries=TASK_RETRIES): g for g in groups}
-        hits, ura, udec, bad = [], [], [], set()
-        try:
-            with progress_bar(len(futs), "lightcurves: match", progress, unit="block") as bar:
-                for fut in as_completed(list(futs)):
-                    try:
-                        res = fut.result()
-                    except Exception as exc:  # one bad catalogue never ends the run
-                        for _, r in futs[fut]:
-                            bad.add(id(r))
-                            report.failed.append((r["exposure"], f"{type(exc).__name__}: {exc}"))
-                    else:
-                        hits.append(res["hit"])
-                        ura.append(res["ra"])
-                        udec.append(res["dec"])
-                        for f, problem in res["bad"]:  # an unreadable catalogue: that exposure only
-                            r = next(r for _, r in futs[fut] if r["file"] == f)
-                            bad.add(id(r))
-                            report.failed.append((r["exposure"], problem))
-                    bar.update()
-        finally:
-            client.cancel(list(futs))
-        blocks = [kept for b in blocks if (kept := [(sl, r) for sl, r in b if id(r) not in bad])]
-        hit = np.unique(np.concatenate(hits)) if hits else np.empty(0, np.int64)
-        ref_hit = ref_rows[hit[hit >= len(master_ra)] - len(master_ra)]
-        nra, ndec, _ = LK.cluster_positions(np.concatenate(ura) if ura else np.empty(0),
-                                            np.concatenate(udec) if udec else np.empty(0), radius)
-        new_src = {"ra": np.concatenate([refcat.ra[ref_hit] if len(ref_hit) else [], nra]),
-                   "dec": np.concatenate([refcat.dec[ref_hit] if len(ref_hit) else [], ndec]),
-                   "ref_id": np.concatenate([ref_hit, np.full(len(nra), -1)]).astype(np.int64),
-                   "ref_mag": np.concatenate([refcat.mag[ref_hit] if len(ref_hit) else [],
-                                              np.full(len(nra), np.nan)]).astype(np.float32)}
-        report.new_sources = len(nra)
-        # grow the cube: sources first, then the new epochs (written=False until their block is done)
-        alive = {id(r) for b in blocks for _, r in b}
-        keep_new = [r for s, r in planned if s >= n_old and id(r) in alive]
-        with writing(out, "the light-curve cube"):
-            cube.add_sources(new_src)
-            slots = cube.add_epochs({
-                "exposure": [r["exposure"] for r in keep_new], "time": [r["time_ns"] for r in keep_new],
-                "mjd_mid": [r.get("mjd_mid") for r in keep_new], "night": [r.get("night") for r in keep_new],
-                "telescope": [r.get("telescope") for r in keep_new], "filter": [r.get("filter") for r in keep_new],
-                "zero_point": [r.get("zero_point") for r in keep_new]})
-            cube.consolidate()
-        # the slots of the new exposures shift down when a failed block dropped some
-        slot_new = dict(zip((r["exposure"] for r in keep_new), slots))
-        blocks = [[(slot_new.get(r["exposure"], s) if s >= n_old else s, r) for s, r in b] for b in blocks]
-        regroup: dict[int, list] = {}
-        for b in blocks:
-            for s, r in b:
-                regroup.setdefault(s // ec, []).append((s, r))
-        # pass 2: match and write, one chunk column per task
-        mra, mdec = client.scatter([cube.coord("ra"), cube.coord("dec")], broadcast=True)
-        futs = {client.submit(write_task, str(out.resolve()), [r["file"] for _, r in b], [s for s, _ in b], mra,
-                              mdec, radius, magcol, pure=False, retries=TASK_RETRIES): b
-                for b in regroup.values()}
-        try:
-            with progress_bar(len(futs), "lightcurves: write", progress, unit="block") as bar:
-                for fut in as_completed(list(futs)):
-                    b = futs[fut]
-                    try:
-                        res = fut.result()
-                    except Exception as exc:
-                        if stops_the_run(exc, [out]):
-                            raise write_error(exc, out, "the light-curve cube", "; blocks already written are "
-                                               "kept: run the same command again") from None
-                        for _, r in b:
-                            report.failed.append((r["exposure"], f"{type(exc).__name__}: {exc}"))
-                    else:
-                        cube.mark_written(res["slots"])
-                        report.added += [r["exposure"] for _, r in b]
-                        report.rows += res["rows"]
-                        report.matched += res["matched"]
-                    bar.update()
-        finally:
-            client.cancel(list(futs))
-            cube.consolidate()
+        refcat, ref_rows, cand_ra, cand_dec = _candidates(run, catdir, refcat_path,
+                                                          str(planned[0][1].get("filter") or ""))
+        blocks = _blocks(planned, cube.chunks[1])
+        hits, ura, udec, bad = _match_pass(run, blocks, cand_ra, cand_dec)
+        new_src = _new_sources(run, (hits, ura, udec), refcat, ref_rows, len(cand_ra) - len(ref_rows))
+        blocks = [kept for b in blocks if (kept := [(s, r) for s, r in b if id(r) not in bad])]
+        _write_pass(run, _grow_cube(run, new_src, planned, blocks, n_old))
     report.sources, report.epochs = cube.shape[0], int(cube.coord("written").sum())
-    manifest = Manifest(out.parent)
-    ok_exps = [r for r in exps]
-    manifest.add("lightcurve_cube", out, telescope=sorted({str(r.get("telescope")) for r in ok_exps}),
-                 filter=sorted({str(r.get("filter")) for r in ok_exps}),
-                 night=sorted({str(r.get("night")) for r in ok_exps}),
-                 inputs=[str((catdir / "sources").resolve()), str((catdir / "exposures.parquet").resolve())],
-                 config=to_dict(config), sources=report.sources, epochs=report.epochs,
-                 chunks=list(cube.chunks), format="zarr v3: mag, magerr, flags (source, epoch)")
-    manifest.record_run(argv, added=len(report.added), already=report.already, failed=len(report.failed))
-    with writing(out.parent, "the manifest"):
-        manifest.write()
+    _record(run, catdir, exps, argv)
     report.seconds = time.perf_counter() - t0
     return report

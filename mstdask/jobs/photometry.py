@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import to_dict
 from ..errors import BadInputError
 from ..manifest import Manifest
-from ._job import check_writable, progress_bar, stops_the_run, write_error, writing
+from ._job import JobReport, check_writable, completed, error_text, median_seconds, save_manifest, task_key, \
+    tmp_name, writing
 
 
 @dataclass
-class PhotometryReport:
-    """What ``photometry`` did: exposures measured now, already done, flagged, failed."""
+class PhotometryReport(JobReport):
+    """What ``photometry`` did: exposures measured now, already done, flagged, failed.
+
+    Flagged exposures are data, not errors: only failed ones make the run not ``ok``."""
 
     out_dir: str
     measured: list[str] = field(default_factory=list)
@@ -24,23 +28,17 @@ class PhotometryReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     exposure_seconds: list[float] = field(default_factory=list)
     sources: int = 0
-    seconds: float = 0.0
 
-    @property
-    def ok(self) -> bool:
-        """True when no exposure failed with an error (flagged exposures are data, not errors)."""
-        return not self.failed
+    _LISTED = (("FLAGGED", "flagged"), ("FAILED", "failed"))
+    _FAILS = ("failed",)
 
-    def summary(self) -> str:
-        """Human-readable summary."""
-        per = (f", median {sorted(self.exposure_seconds)[len(self.exposure_seconds) // 2]:.1f} s per exposure "
+    def headline(self) -> str:
+        """Exposures measured (sources), already done, flagged and failed; time per exposure."""
+        per = (f", median {median_seconds(self.exposure_seconds):.1f} s per exposure "
                "in its task") if self.exposure_seconds else ""
-        lines = [f"photometry {self.out_dir}: {len(self.measured)} exposures measured ({self.sources} sources), "
-                 f"{self.already} already done, {len(self.flagged)} flagged, {len(self.failed)} failed "
-                 f"in {self.seconds:.1f} s{per}"]
-        lines += [f"  FLAGGED {e}: {why}" for e, why in self.flagged]
-        lines += [f"  FAILED {e}: {why}" for e, why in self.failed]
-        return "\n".join(lines)
+        return (f"photometry {self.out_dir}: {len(self.measured)} exposures measured ({self.sources} sources), "
+                f"{self.already} already done, {len(self.flagged)} flagged, {len(self.failed)} failed "
+                f"in {self.seconds:.1f} s{per}")
 
 
 def _flag_clouds(records: list[dict], drop: float) -> list[dict]:
@@ -81,7 +79,7 @@ def _write_exposure_table(path: Path, records: list[dict]) -> None:
         else:
             cols[name] = pa.array(vals, pa.type_for_alias(kind))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_name(path)
     pq.write_table(pa.table(cols), tmp)
     os.replace(tmp, path)
 
@@ -132,14 +130,7 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
     *flagged* with its reason; an exposure whose task raises is *failed*; the others finish.
     A rerun measures only exposures without a source file.
     """
-    import numpy as np
-
     from ..config import AstrometryConfig, PhotometryConfig, RefcatConfig
-    from ..static.photometry import (
-        SOURCE_COLUMNS,
-        photometry_task,
-        read_exposure_record,
-    )
     from ..store import ReducedStore
 
     config = config or PhotometryConfig()
@@ -155,15 +146,48 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
     check_writable(out, "the catalogues")
     c = {name: red.coord(name) for name in ("reduced", "time", "night", "telescope", "filter", "exptime", "ra",
                                             "dec", "egain", "path")}
-    records: dict[str, dict] = {}
+    records: dict[str, dict] = {}  # exposure -> its row of the exposure table
+    futures, meta_of = _submit_exposures(client, c, reduced_path, refcat_path, out, config, astro_config,
+                                         refcat_config, records, report)
+    try:
+        _collect_exposures(client, futures, meta_of, out, progress, records, report)
+    finally:
+        # also when the run stops (full disk, Ctrl-C): the table lists what is measured
+        recs = sorted(records.values(), key=lambda r: (str(r.get("telescope")), int(r.get("time") or 0)))
+        report.flagged += [(r["exposure"], r["reason"]) for r in _flag_clouds(recs, config.cloud_zp_drop_mag)]
+        cfg = {"photometry": to_dict(config), "astrometry": to_dict(astro_config), "refcat": to_dict(refcat_config)}
+        _write_products(out, recs, reduced_path, refcat_path, cfg, argv, report)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _exposure_meta(c: dict, exp: str, i: int, night: str) -> dict:
+    """What the exposure table says of frame ``i`` whatever its photometry: names and times
+    (``mjd_mid``: the middle of the exposure)."""
+    import numpy as np
+
+    texp = float(c["exptime"][i])
+    return {"exposure": exp, "path": str(c["path"][i]), "night": night, "telescope": str(c["telescope"][i]),
+            "filter": str(c["filter"][i]), "time": int(c["time"][i]),
+            "mjd_mid": float(int(c["time"][i]) / 86400e9 + 40587.0 + (texp / 2 if np.isfinite(texp) else 0) / 86400)}
+
+
+def _submit_exposures(client, c: dict, reduced_path, refcat_path: Path, out: Path, config, astro_config,
+                      refcat_config, records: dict[str, dict], report: PhotometryReport) -> tuple[list, dict]:
+    """One :func:`~mstdask.static.photometry.photometry_task` per reduced exposure without a
+    source file; returns the futures and ``key -> exposure metadata``.
+
+    Exposures measured by an earlier run (a readable source file) and those without a
+    pointing (flagged) go straight into ``records`` and ``report``."""
+    import numpy as np
+
+    from ..static.photometry import photometry_task, read_exposure_record
+
     futures, meta_of = [], {}
     for exp, i in _exposure_frames(c["telescope"], c["time"], c["reduced"]).items():
         night = str(c["night"][i]) or "unknown"
         fpath = out / "sources" / night / f"{exp}.parquet"
-        texp = float(c["exptime"][i])
-        meta = {"exposure": exp, "path": str(c["path"][i]), "night": night, "telescope": str(c["telescope"][i]),
-                "filter": str(c["filter"][i]), "time": int(c["time"][i]),
-                "mjd_mid": float(int(c["time"][i]) / 86400e9 + 40587.0 + (texp / 2 if np.isfinite(texp) else 0) / 86400)}
+        meta = _exposure_meta(c, exp, i, night)
         if fpath.exists():
             try:
                 records[exp] = read_exposure_record(fpath)
@@ -181,61 +205,64 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
             continue
         gain = float(c["egain"][i]) if np.isfinite(c["egain"][i]) and c["egain"][i] > 0 else None
         fut = client.submit(photometry_task, str(reduced_path), int(i), str(fpath), str(refcat_path.resolve()),
-                            refcat_config, meta, texp, ra0, dec0, gain, config, astro_config, pure=False,
-                            retries=1, key=f"static-{i}-{os.getpid()}-{time.time_ns()}")
+                            refcat_config, meta, float(c["exptime"][i]), ra0, dec0, gain, config, astro_config,
+                            pure=False, retries=1, key=task_key("static", i))
         futures.append(fut)
         meta_of[fut.key] = meta
-    from distributed import as_completed
+    return futures, meta_of
 
-    try:
-        with progress_bar(len(futures), "photometry", progress, unit="exposure") as bar:
-            for fut in as_completed(futures):
-                meta = meta_of[fut.key]
-                try:
-                    rec = fut.result()
-                except Exception as exc:  # one bad exposure never ends the run ...
-                    if stops_the_run(exc, [out]):  # ... but a full disk or a read-only output does
-                        raise write_error(exc, out, "the source catalogues", "; exposures already written are "
-                                           "kept: run the same command again") from None
-                    reason = f"{type(exc).__name__}: {exc}"
-                    report.failed.append((meta["exposure"], reason))
-                    records[meta["exposure"]] = {**meta, "status": "failed", "reason": reason}
-                else:
-                    records[meta["exposure"]] = rec
-                    if rec.get("status") == "ok":
-                        report.measured.append(meta["exposure"])
-                        report.sources += int(rec.get("n_sources") or 0)
-                        report.exposure_seconds.append(float(rec.get("seconds") or 0.0))
-                    else:
-                        report.flagged.append((meta["exposure"], rec.get("reason", "")))
-                bar.update()
-    finally:
-        client.cancel(futures)
-        recs = sorted(records.values(), key=lambda r: (str(r.get("telescope")), int(r.get("time") or 0)))
-        report.flagged += [(r["exposure"], r["reason"]) for r in _flag_clouds(recs, config.cloud_zp_drop_mag)]
-        table_path = out / "exposures.parquet"
-        with writing(out, "the exposure table"):
-            _write_exposure_table(table_path, recs)
-        ok = [r for r in recs if r.get("catalog")]
-        cfg = {"photometry": to_dict(config), "astrometry": to_dict(astro_config), "refcat": to_dict(refcat_config)}
-        manifest = Manifest(out)
-        common = dict(telescope=sorted({str(r.get("telescope")) for r in recs}),
-                      filter=sorted({str(r.get("filter")) for r in recs}),
-                      night=sorted({str(r.get("night")) for r in recs}), config=cfg)
-        if ok:
-            manifest.add("source_catalog", out / "sources", inputs=[str(Path(reduced_path).resolve()),
-                                                                     str(refcat_path.resolve())],
-                         exposures=len(ok), sources=int(sum(int(r.get("n_sources") or 0) for r in ok)),
-                         columns=list(SOURCE_COLUMNS),
-                         format="parquet dataset: sources/NIGHT/EXPOSURE.parquet", **common)
-        manifest.add("exposure_table", table_path, inputs=[str(Path(reduced_path).resolve())],
-                     exposures=len(recs), ok=sum(r.get("status") == "ok" for r in recs),
-                     flagged=sum(r.get("status") == "flagged" for r in recs),
-                     failed=sum(r.get("status") == "failed" for r in recs), **common)
-        manifest.record_run(argv, measured=len(report.measured), flagged=len(report.flagged),
-                            failed=len(report.failed))
-        with writing(out, "the manifest"):
-            manifest.write()
-    report.seconds = time.perf_counter() - t0
-    return report
 
+def _collect_exposures(client, futures: list, meta_of: dict, out: Path, progress: bool, records: dict[str, dict],
+                       report: PhotometryReport) -> None:
+    """The exposures' records as their tasks finish, into ``records`` and ``report``.
+
+    Raises
+    ------
+    StoreError
+        The catalogues cannot be written (full disk, read-only output): every exposure
+        would fail the same way, so the run stops.
+    """
+    with writing(out, "the source catalogues", "; exposures already written are kept: run the same command again"), \
+            closing(completed(client, futures, "photometry", progress, unit="exposure", outputs=[out])) as results:
+        for fut, rec, err in results:
+            meta = meta_of[fut.key]
+            if err is not None:  # one bad exposure never ends the run
+                reason = error_text(err)
+                report.failed.append((meta["exposure"], reason))
+                records[meta["exposure"]] = {**meta, "status": "failed", "reason": reason}
+                continue
+            records[meta["exposure"]] = rec
+            if rec.get("status") == "ok":
+                report.measured.append(meta["exposure"])
+                report.sources += int(rec.get("n_sources") or 0)
+                report.exposure_seconds.append(float(rec.get("seconds") or 0.0))
+            else:
+                report.flagged.append((meta["exposure"], rec.get("reason", "")))
+
+
+def _write_products(out: Path, recs: list[dict], reduced_path, refcat_path: Path, cfg: dict, argv,
+                    report: PhotometryReport) -> None:
+    """The exposure table ``OUT/exposures.parquet`` and the manifest: the source catalogue
+    (when an exposure has one) and the exposure table."""
+    from ..static.photometry import SOURCE_COLUMNS
+
+    table_path = out / "exposures.parquet"
+    with writing(out, "the exposure table"):
+        _write_exposure_table(table_path, recs)
+    ok = [r for r in recs if r.get("catalog")]
+    manifest = Manifest(out)
+    common = dict(telescope=sorted({str(r.get("telescope")) for r in recs}),
+                  filter=sorted({str(r.get("filter")) for r in recs}),
+                  night=sorted({str(r.get("night")) for r in recs}), config=cfg)
+    if ok:
+        manifest.add("source_catalog", out / "sources", inputs=[str(Path(reduced_path).resolve()),
+                                                                 str(refcat_path.resolve())],
+                     exposures=len(ok), sources=int(sum(int(r.get("n_sources") or 0) for r in ok)),
+                     columns=list(SOURCE_COLUMNS),
+                     format="parquet dataset: sources/NIGHT/EXPOSURE.parquet", **common)
+    manifest.add("exposure_table", table_path, inputs=[str(Path(reduced_path).resolve())],
+                 exposures=len(recs), ok=sum(r.get("status") == "ok" for r in recs),
+                 flagged=sum(r.get("status") == "flagged" for r in recs),
+                 failed=sum(r.get("status") == "failed" for r in recs), **common)
+    save_manifest(manifest, out, argv, measured=len(report.measured), flagged=len(report.flagged),
+                  failed=len(report.failed))

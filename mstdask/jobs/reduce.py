@@ -6,6 +6,7 @@ import json
 import os
 import time
 from collections import Counter
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,12 +16,15 @@ from ..manifest import Manifest
 from ..store import RawStore
 from ._job import (
     TASK_RETRIES,
+    JobReport,
     check_writable,
-    is_fs_error,
-    progress_bar,
-    stops_the_run,
+    completed,
+    error_text,
+    median_seconds,
+    task_key,
+    tmp_name,
     unlink,
-    write_error,
+    writing,
 )
 from ._plan import Plan
 
@@ -30,32 +34,29 @@ MARK_EVERY_S = 2.0
 
 
 @dataclass
-class ReduceReport:
+class ReduceReport(JobReport):
     """What ``reduce`` did: frames reduced now, frames already done, frames that failed."""
 
     out: str
     reduced: list[str] = field(default_factory=list)
     already: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
     tracks: int = 0
     frame_seconds: list[float] = field(default_factory=list)
-    seconds: float = 0.0
 
-    @property
-    def ok(self) -> bool:
-        """True when no frame failed."""
-        return not self.failed
+    _LISTED = (("FAILED", "failed"),)
+    _FAILS = ("failed",)
 
-    def summary(self) -> str:
-        """Human-readable summary."""
-        per = f", median {sorted(self.frame_seconds)[len(self.frame_seconds) // 2]:.1f} s per frame in its task" \
+    def headline(self) -> str:
+        """Frames reduced, already done and failed, tracks found, time per frame."""
+        per = f", median {median_seconds(self.frame_seconds):.1f} s per frame in its task" \
             if self.frame_seconds else ""
-        lines = [f"reduce {self.out}: {len(self.reduced)} frames reduced, {self.already} already done, "
-                 f"{len(self.failed)} failed, {self.tracks} tracks found in {self.seconds:.1f} s{per}"]
-        lines += [f"  note: {n}" for n in sorted(set(self.notes))]
-        lines += [f"  FAILED {p}: {why}" for p, why in self.failed]
-        return "\n".join(lines)
+        return (f"reduce {self.out}: {len(self.reduced)} frames reduced, {self.already} already done, "
+                f"{len(self.failed)} failed, {self.tracks} tracks found in {self.seconds:.1f} s{per}")
+
+    def note_lines(self) -> list[str]:
+        """Each note once, sorted (every frame of a night repeats its calibrations' notes)."""
+        return [f"  {self._NOTE} {n}" for n in sorted(set(self.notes))]
 
 
 def _reduce_work(raw: RawStore, red, caldir, calib_config, report: ReduceReport):
@@ -110,14 +111,10 @@ def _reduce_work(raw: RawStore, red, caldir, calib_config, report: ReduceReport)
 
 
 def _fits_path(fits_root: Path | None, coords: dict, i: int) -> str | None:
+    """Where frame ``i`` is written as FITS (``FITS_DIR/NIGHT/NAME.fits``), None without."""
     if fits_root is None:
         return None
     return str(fits_root / str(coords["night"][i]) / (Path(str(coords["path"][i])).name.split(".")[0] + ".fits"))
-
-
-def _fits_tmp(fpath: str) -> Path:
-    # the temporary name stir._write_fits writes to before renaming
-    return Path(fpath).with_name(f".{Path(fpath).name}.tmp")
 
 
 def reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: str | os.PathLike, client,
@@ -157,31 +154,41 @@ def reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: s
     coords, todo, new = _reduce_work(raw, red, caldir, calib_config, report)
     check_writable(out_path if red is not None else out_path.parent, "the reduced store")
     fits_root = check_writable(fits_dir, "the FITS frames") if fits_dir else None
-    then = "; frames reduced before are kept: run the same command again to reduce the rest"
-    try:
+    # any file-system error, the manifests' included, reads as the reduced frames not written
+    with writing(out_path, "the reduced frames",
+                 "; frames reduced before are kept: run the same command again to reduce the rest"):
         if red is None:
             red = ReducedStore.create(out_path, raw.frame_shape, tuple(raw.group.attrs["tile"]), StoreLayout(),
                                       {"raw_store": str(Path(store_path).resolve()),
                                        "calib_dir": str(Path(caldir).resolve()), "stir_config": to_dict(config)})
         _reduce_frames(red, raw, coords, todo, new, store_path, caldir, out_path, fits_root, client, config,
                        calib_config, progress, argv, report)
-    except OSError as exc:
-        if not is_fs_error(exc):
-            raise
-        raise write_error(exc, out_path, "the reduced frames", then) from None
     report.seconds = time.perf_counter() - t0
     return report
 
 
 def _reduce_frames(red, raw: RawStore, coords: dict, todo: list, new: list, store_path, caldir, out_path: Path,
                    fits_root: Path | None, client, config, calib_config, progress: bool, argv, report) -> None:
-    import numpy as np
-    from distributed import as_completed
+    """Reduce the unfinished slots ``todo`` and the ``new`` frames into ``red``, then list the
+    products in the manifests (beside the store, and in ``fits_root``)."""
+    todo = _reserve_slots(red, raw, coords, todo, new)
+    futures, meta = _submit_frames(client, coords, todo, store_path, out_path, fits_root, config, calib_config)
+    written_fits = _collect_frames(red, client, futures, meta, coords, [s for _, s, _ in todo], out_path,
+                                   fits_root, progress, report)
+    _write_manifests(red, coords, written_fits, caldir, out_path, fits_root, config, argv, report)
 
-    from ..stir.frame import process_frame
+
+def _reserve_slots(red, raw: RawStore, coords: dict, todo: list, new: list) -> list[tuple[int, int, object]]:
+    """Slots for every frame to reduce: ``(raw index, slot, CalibSet)``.
+
+    The unfinished slots of an earlier run get the calibrations used this time, the new
+    frames new slots (with their raw coordinates); partial shards a killed worker left in
+    these slots are removed."""
+    import numpy as np
+
     from ..store import _REDUCED_COPY
 
-    if todo:  # unfinished slots of an earlier run: record the calibrations used this time
+    if todo:
         red.set_coords([s for _, s, _ in todo], calib_bias=[c.bias for *_, c in todo],
                        calib_flat=[c.flat for *_, c in todo], calib_ps=[c.ps for *_, c in todo],
                        calib_bad=[c.bad for *_, c in todo])
@@ -192,72 +199,112 @@ def _reduce_frames(red, raw: RawStore, coords: dict, todo: list, new: list, stor
                       calib_ps=[c.ps for _, c in new], calib_bad=[c.bad for _, c in new])
         slots = red.reserve(fields)
         todo = todo + [(i, s, c) for (i, c), s in zip(new, slots)]
-    slots_now = [s for _, s, _ in todo]
-    red.clear_partial(slots_now)  # left by workers killed while writing
+    red.clear_partial([s for _, s, _ in todo])  # left by workers killed while writing
+    return todo
+
+
+def _submit_frames(client, coords: dict, todo: list, store_path, out_path: Path, fits_root: Path | None,
+                   config, calib_config) -> tuple[list, dict]:
+    """One :func:`~mstdask.stir.frame.process_frame` task per frame; returns the futures and
+    ``key -> (raw index, slot, CalibSet, FITS path)``."""
+    import numpy as np
+
+    from ..stir.frame import process_frame  # looked up now: tests replace it
+
     egain = coords["egain"]
     futures, meta = [], {}
     for i, s, cs in todo:
         gain = float(egain[i]) if np.isfinite(egain[i]) and egain[i] > 0 else config.gain_e_per_adu
         fpath = _fits_path(fits_root, coords, i)
         if fpath:
-            unlink(_fits_tmp(fpath))
+            unlink(tmp_name(fpath))
         fut = client.submit(process_frame, str(store_path), i, str(coords["path"][i]), str(out_path), s, cs, config,
                             gain, calib_config.saturation_adu, fpath, pure=False, retries=TASK_RETRIES,
-                            key=f"stir-{s}-{os.getpid()}-{time.time_ns()}")
+                            key=task_key("stir", s))
         futures.append(fut)
         meta[fut.key] = (i, s, cs, fpath)
+    return futures, meta
 
-    finished: list[dict] = []
-    last = time.monotonic()
-    written_fits: list[tuple[int, int, object, str, dict]] = []
-    completed = False
 
-    def flush() -> None:
-        if not finished:
+class _Marks:
+    """The finished frames not yet marked ``reduced`` in the store; marked every
+    :data:`MARK_EVERY_S` seconds, so that a killed run loses little finished work."""
+
+    def __init__(self, red) -> None:
+        self.red = red
+        self.finished: list[dict] = []
+        self.last = time.monotonic()
+
+    def add(self, res: dict) -> None:
+        """A finished frame (the result of its task); marked when it is time."""
+        self.finished.append(res)
+
+    def when_due(self) -> None:
+        """Mark the finished frames when :data:`MARK_EVERY_S` seconds have passed."""
+        if time.monotonic() - self.last > MARK_EVERY_S:  # read now: tests change it
+            self.flush()
+            self.last = time.monotonic()
+
+    def flush(self) -> None:
+        """Mark the finished frames now, with what their tasks found."""
+        done = self.finished
+        if not done:
             return
-        red.set_coords([f["out_index"] for f in finished], reduced=[True] * len(finished),
-                       n_tracks=[f["n_tracks"] for f in finished], track_pixels=[f["track_pixels"] for f in finished],
-                       cosmic_ray_pixels=[f["cosmic_ray_pixels"] for f in finished],
-                       masked_fraction=[f["masked_fraction"] for f in finished],
-                       tracks=[json.dumps(f["lines"]) for f in finished])
-        finished.clear()
+        self.red.set_coords([f["out_index"] for f in done], reduced=[True] * len(done),
+                            n_tracks=[f["n_tracks"] for f in done], track_pixels=[f["track_pixels"] for f in done],
+                            cosmic_ray_pixels=[f["cosmic_ray_pixels"] for f in done],
+                            masked_fraction=[f["masked_fraction"] for f in done],
+                            tracks=[json.dumps(f["lines"]) for f in done])
+        done.clear()
 
+
+def _collect_frames(red, client, futures: list, meta: dict, coords: dict, slots: list[int], out_path: Path,
+                    fits_root: Path | None, progress: bool, report: ReduceReport) -> list[tuple]:
+    """The frames' results as they finish, into ``report``, marked in ``red`` as they come.
+
+    Returns ``(raw index, slot, CalibSet, FITS path, result)`` of the frames written as FITS.
+    """
+    marks = _Marks(red)
+    written_fits: list[tuple[int, int, object, str, dict]] = []
+    all_done = False
     try:
-        with progress_bar(len(futures), "reduce frames", progress) as bar:
-            for fut in as_completed(futures):
+        # a full disk or a read-only output ends the run (every frame would fail): completed raises
+        with closing(completed(client, futures, "reduce frames", progress,
+                               outputs=[out_path, fits_root])) as results:
+            for fut, res, err in results:
                 i, s, cs, fpath = meta[fut.key]
-                try:
-                    res = fut.result()
-                except Exception as exc:  # one bad frame never ends the run ...
-                    if stops_the_run(exc, [out_path, fits_root]):
-                        raise  # ... but a full disk or a read-only output does: every frame would fail
-                    report.failed.append((str(coords["path"][i]), f"{type(exc).__name__}: {exc}"))
+                if err is not None:  # one bad frame never ends the run
+                    report.failed.append((str(coords["path"][i]), error_text(err)))
                 else:
-                    finished.append(res)
+                    marks.add(res)
                     report.reduced.append(res["path"])
                     report.tracks += res["n_tracks"]
                     report.frame_seconds.append(res["seconds"])
                     if fpath:
                         written_fits.append((i, s, cs, fpath, res))
-                bar.update()
-                if time.monotonic() - last > MARK_EVERY_S:
-                    flush()
-                    last = time.monotonic()
-        completed = True
+                marks.when_due()
+        all_done = True
     finally:
-        # Also on Ctrl-C or a full disk: what is written is recorded, the rest is done next
-        # time (when recording fails too, those frames are simply reduced again).
-        client.cancel(futures)
+        # Also on Ctrl-C or a full disk (the frames still running are cancelled first): what
+        # is written is recorded, the rest is done next time (when recording fails too, those
+        # frames are simply reduced again).
         try:
-            flush()
+            marks.flush()
             red.consolidate()
         except OSError:
-            if completed:
+            if all_done:
                 raise
-        red.clear_partial(slots_now)
+        red.clear_partial(slots)
         done_fits = {w[3] for w in written_fits}
-        unlink(*(_fits_tmp(m[3]) for m in meta.values() if m[3] and m[3] not in done_fits))
+        unlink(*(tmp_name(m[3]) for m in meta.values() if m[3] and m[3] not in done_fits))
+    return written_fits
 
+
+def _write_manifests(red, coords: dict, written_fits: list[tuple], caldir, out_path: Path, fits_root: Path | None,
+                     config, argv, report: ReduceReport) -> None:
+    """The reduced store in ``manifest.json`` beside it; the FITS frames written now in the one
+    of ``fits_root``. (Not :func:`save_manifest`: a manifest that cannot be written reads as
+    the reduced frames not written, like every other write of this job.)"""
     cfg = to_dict(config)
     done_mask = red.coord("reduced")
     manifest = Manifest(out_path.parent)
@@ -278,6 +325,7 @@ def _reduce_frames(red, raw: RawStore, coords: dict, todo: list, new: list, stor
                      config=cfg, n_tracks=res["n_tracks"], store=str(out_path.resolve()), store_index=s)
         fman.record_run(argv, written=len(written_fits))
         fman.write()
+
 
 def plan_reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: str | os.PathLike,
                 config=None, calib_config=None, fits_dir: str | os.PathLike | None = None) -> Plan:

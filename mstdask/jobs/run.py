@@ -11,7 +11,7 @@ from typing import Iterable
 from ..config import IngestConfig, to_dict
 from ..manifest import Manifest
 from ..store import RawStore, describe
-from ._job import check_writable, writing
+from ._job import check_writable, save_manifest, writing
 from ._plan import Plan, _concat, _infos_table
 from .calibrate import _calib_plan, _strs, calibrate
 from .coadd import coadd
@@ -45,6 +45,19 @@ def run_pipeline(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.Path
     out = check_writable(Path(out_dir), "the output folder")
     store_path = out / "raw.zarr"
     report = ingest(raw_inputs, store_path, client, config, progress=progress)
+    info, manifest = _list_raw_store(out, store_path, config, argv, report)
+    if info is not None and info["frames"]:
+        _reduction_steps(out, store_path, info, client, progress, argv, refcat, refcat_config, report)
+        manifest = Manifest(out)  # with the products the steps listed
+    return report, manifest
+
+
+def _list_raw_store(out: Path, store_path: Path, config: IngestConfig, argv: list[str] | None,
+                    report: IngestReport) -> tuple[dict | None, Manifest]:
+    """List the raw store (when there is one) and the rejected files in ``OUT/manifest.json``.
+
+    Returns the store's description (:func:`mstdask.store.describe`, None without a store)
+    and the manifest."""
     manifest = Manifest(out)
     info = describe(store_path) if Path(store_path, "zarr.json").exists() else None
     if info is not None:
@@ -58,26 +71,31 @@ def run_pipeline(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.Path
             imagetyp_counts=info.get("imagetyp_counts", {}),
         )
     manifest.data["rejected"] = [{"path": p, "reason": r} for p, r in report.rejected]
-    manifest.record_run(argv, frames_written=len(report.written), rejected=len(report.rejected))
-    with writing(out, "the manifest"):
-        manifest.write()
-    if info is not None and info["frames"]:
-        calib_report = calibrate(store_path, out, client, progress=progress, argv=argv)
-        print(calib_report.summary(), file=sys.stderr)
-        report.steps.append(calib_report)
-        if info.get("imagetyp_counts", {}).get("science"):
-            red_report = reduce(store_path, out, out / "reduced.zarr", client, progress=progress, argv=argv)
-            print(red_report.summary(), file=sys.stderr)
-            report.steps.append(red_report)
-            if refcat is not None:
-                phot = photometry(out / "reduced.zarr", refcat, out / "catalog", client,
-                                  refcat_config=refcat_config, progress=progress, argv=argv)
-                print(phot.summary(), file=sys.stderr)
-                report.steps.append(phot)
-                _adopt_products(out, out / "catalog")
-                _catalog_steps(out, client, progress, argv, report)
-        manifest = Manifest(out)
-    return report, manifest
+    save_manifest(manifest, out, argv, frames_written=len(report.written), rejected=len(report.rejected))
+    return info, manifest
+
+
+def _reduction_steps(out: Path, store_path: Path, info: dict, client, progress: bool, argv: list[str] | None,
+                     refcat, refcat_config, report: IngestReport) -> None:
+    """The steps of the main job after the ingest: calibrate, reduce (when there are science
+    frames) and, with a reference catalogue, the photometry and the steps after it. Each
+    prints its summary; its report is added to ``report.steps``."""
+    calib_report = calibrate(store_path, out, client, progress=progress, argv=argv)
+    print(calib_report.summary(), file=sys.stderr)
+    report.steps.append(calib_report)
+    if not info.get("imagetyp_counts", {}).get("science"):
+        return
+    red_report = reduce(store_path, out, out / "reduced.zarr", client, progress=progress, argv=argv)
+    print(red_report.summary(), file=sys.stderr)
+    report.steps.append(red_report)
+    if refcat is None:
+        return
+    phot = photometry(out / "reduced.zarr", refcat, out / "catalog", client,
+                      refcat_config=refcat_config, progress=progress, argv=argv)
+    print(phot.summary(), file=sys.stderr)
+    report.steps.append(phot)
+    _adopt_products(out, out / "catalog")
+    _catalog_steps(out, client, progress, argv, report)
 
 
 def _catalog_steps(out: Path, client, progress: bool, argv: list[str] | None, report: IngestReport) -> None:
@@ -120,6 +138,7 @@ def _adopt_products(out: Path, sub: Path) -> None:
     with writing(out, "the manifest"):
         manifest.write()
 
+
 def plan_run(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
              config: IngestConfig | None = None) -> Plan:
     """What ``run`` would do: the ingest, calibrate and reduce plans, from the headers and
@@ -151,5 +170,6 @@ def plan_run(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     parts = [ing, cal, red]
     all_frames = Counter(zip(_strs(table["night"]), _strs(table["telescope"]), types))
     return Plan("run", str(out), frames=all_frames, parts=parts, tasks=sum(p.tasks for p in parts),
-                tasks_estimated=cal.tasks > 0, bytes_read=sum(p.bytes_read for p in parts), bytes_written=sum(p.bytes_written for p in parts))
+                tasks_estimated=cal.tasks > 0, bytes_read=sum(p.bytes_read for p in parts),
+                bytes_written=sum(p.bytes_written for p in parts))
 

@@ -1,7 +1,8 @@
 """Astrometry kernels of the STATIC step: blind pattern match and TPV distortion fit.
 
 Pure NumPy/SciPy/astropy (``astropy.io.fits`` headers only); nothing here knows about Dask.
-The public face is :mod:`mstdask.astrometry`.
+The public face is :mod:`mstdask.astrometry`; the cross-match and the pattern match
+are in :mod:`mstdask.static._match_kernels`.
 
 Conventions
 -----------
@@ -17,15 +18,15 @@ Conventions
 
 from __future__ import annotations
 
-import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from astropy.io import fits
-from scipy.spatial import cKDTree
 
 from ..errors import BadInputError, InsufficientDataError
+# Matching lives in its own module; its names stay importable here.
+from ._match_kernels import PatternMatch, crossmatch, match_pattern  # noqa: F401
 
 __all__ = [
     "gnomonic",
@@ -357,258 +358,6 @@ def tpv_header(model: TpvModel, *, rms_arcsec: tuple[float, float] | None = None
     return h
 
 
-# ---------------------------------------------------------------------------------------
-# Cross-match
-# ---------------------------------------------------------------------------------------
-
-def crossmatch(x1: Array, y1: Array, x2: Array, y2: Array, radius: float) -> tuple[Array, Array, Array]:
-    """Nearest-neighbour match of points 1 against points 2 within ``radius``, one to one.
-
-    Parameters
-    ----------
-    x1, y1, x2, y2 : array_like
-        Positions in one flat coordinate system (pixels, or arcsec on a tangent plane).
-    radius : float
-        Largest accepted distance.
-
-    Returns
-    -------
-    i1, i2 : ndarray of int
-        Matched indices; each point 2 is used once (by its nearest point 1).
-    distance : ndarray
-        Their distances.
-    """
-    p1 = np.column_stack([np.asarray(x1, dtype=float), np.asarray(y1, dtype=float)])
-    p2 = np.column_stack([np.asarray(x2, dtype=float), np.asarray(y2, dtype=float)])
-    empty = (np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp), np.zeros(0))
-    if len(p1) == 0 or len(p2) == 0:
-        return empty
-    dist, j = cKDTree(p2).query(p1, k=1, distance_upper_bound=radius)
-    ok = np.isfinite(dist)
-    i1 = np.flatnonzero(ok)
-    i2 = j[ok]
-    d = dist[ok]
-    if i1.size == 0:
-        return empty
-    order = np.lexsort((d, i2))  # by reference, then distance: first of each group is nearest
-    i1, i2, d = i1[order], i2[order], d[order]
-    first = np.ones(i2.size, dtype=bool)
-    first[1:] = i2[1:] != i2[:-1]
-    i1, i2, d = i1[first], i2[first], d[first]
-    back = np.argsort(i1)
-    return i1[back], i2[back], d[back]
-
-
-# ---------------------------------------------------------------------------------------
-# Blind pattern match (triangle invariants with a scale constraint)
-# ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PatternMatch:
-    """Best similarity transform of a pattern match.
-
-    ``ref = a * s + b`` in complex notation, where ``s = x + i y`` for parity +1 and
-    ``s = x - i y`` for parity -1 (a mirror), in the units of the reference points.
-
-    Attributes
-    ----------
-    a, b : complex
-        Rotation-and-scale and translation.
-    parity : int
-        +1: no mirror between the source and reference point sets; -1: mirrored.
-    src_index, ref_index : ndarray of int
-        Matched pairs (indices into the arrays given to :func:`match_pattern`).
-    n_inliers : int
-        Number of pairs.
-    n_candidates : int
-        Matched triangle pairs that passed the scale constraint.
-    n_sources, n_refs : int
-        Points used on each side.
-    """
-
-    a: complex
-    b: complex
-    parity: int
-    src_index: Array = field(repr=False)
-    ref_index: Array = field(repr=False)
-    n_inliers: int
-    n_candidates: int
-    n_sources: int
-    n_refs: int
-
-
-def _triplets(n: int) -> Array:
-    if n < 3:
-        return np.zeros((0, 3), dtype=np.intp)
-    count = n * (n - 1) * (n - 2) // 6
-    flat = np.fromiter(itertools.chain.from_iterable(itertools.combinations(range(n), 3)),
-                       dtype=np.intp, count=3 * count)
-    return flat.reshape(-1, 3)
-
-
-def _triangles(pts: Array, min_side: float, max_side: float, eps: float):
-    """Triangles of all point triplets with canonical vertex order and their invariants.
-
-    Vertices are ordered by the length of the opposite side (shortest first); returns the
-    ordered vertex indices, the invariants (short/long, mid/long), the log of the longest
-    side and the orientation (+1 counter-clockwise).
-    """
-    tri = _triplets(len(pts))
-    if tri.size == 0:
-        return tri, np.zeros((0, 2)), np.zeros(0), np.zeros(0)
-    p = pts[tri]  # (T, 3, 2)
-    sides = np.stack([np.hypot(*(p[:, 1] - p[:, 2]).T), np.hypot(*(p[:, 0] - p[:, 2]).T),
-                      np.hypot(*(p[:, 0] - p[:, 1]).T)], axis=1)
-    order = np.argsort(sides, axis=1)
-    tri = np.take_along_axis(tri, order, axis=1)
-    s = np.take_along_axis(sides, order, axis=1)
-    longest = s[:, 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r0 = s[:, 0] / longest
-        r1 = s[:, 1] / longest
-    keep = ((longest >= min_side) & (longest <= max_side) & (r0 > 0.1)
-            & (r1 - r0 > 2 * eps) & (1.0 - r1 > 2 * eps))  # unambiguous vertex order
-    tri, r0, r1, longest = tri[keep], r0[keep], r1[keep], longest[keep]
-    q = pts[tri]
-    e1 = q[:, 1] - q[:, 0]
-    e2 = q[:, 2] - q[:, 0]
-    orient = np.sign(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])
-    return tri, np.stack([r0, r1], axis=1), np.log(longest), orient
-
-
-def _similarity(zs: Array, zr: Array) -> tuple[complex, complex]:
-    """Least-squares ``zr = a zs + b`` (complex)."""
-    ms, mr = zs.mean(), zr.mean()
-    ds = zs - ms
-    den = float(np.sum(np.abs(ds) ** 2))
-    if den <= 0:
-        return complex(1.0), complex(mr - ms)
-    a = complex(np.sum((zr - mr) * np.conj(ds)) / den)
-    return a, complex(mr - a * ms)
-
-
-def _inliers(zs: Array, tree: cKDTree, a: complex, b: complex, tol: float) -> tuple[Array, Array]:
-    z = a * zs + b
-    dist, j = tree.query(np.column_stack([z.real, z.imag]), k=1, distance_upper_bound=tol)
-    ok = np.isfinite(dist)
-    i, j, d = np.flatnonzero(ok), j[ok], dist[ok]
-    order = np.lexsort((d, j))
-    i, j = i[order], j[order]
-    first = np.ones(j.size, dtype=bool)
-    first[1:] = j[1:] != j[:-1]
-    return i[first], j[first]
-
-
-def match_pattern(src_xy: Array, ref_xy: Array, *, scale_tolerance: float = 0.1, tolerance: float = 4.0,
-                  triangle_tolerance: float = 0.01, frame_diag: float | None = None,
-                  n_vote: int = 12) -> PatternMatch | None:
-    """Find the similarity transform (either parity) that puts sources on reference stars.
-
-    Parameters
-    ----------
-    src_xy : ndarray (N, 2)
-        Source pixel positions, brightest first (only pass the brightest few tens).
-    ref_xy : ndarray (M, 2)
-        Reference positions in units close to pixels (standard coordinates divided by the
-        expected pixel scale), brightest first.
-    scale_tolerance : float
-        The scale between the two sets is 1 within this relative tolerance.
-    tolerance : float
-        A source is on a reference star within this distance (reference units).
-    triangle_tolerance : float
-        Tolerance on the triangles' side ratios.
-    frame_diag : float, optional
-        Frame diagonal in pixels: triangles longer than it are left out; shorter than a
-        tenth of it, too (their side ratios are uncertain). Default from ``src_xy``.
-    n_vote : int
-        Number of the most voted-for transforms verified against all points.
-
-    Returns
-    -------
-    PatternMatch or None
-        The candidate with the most inliers, or None when no triangle matched.
-
-    Notes
-    -----
-    All triangles of each point set are compared by their side ratios and, since the
-    pixel scale is known to ``scale_tolerance``, their size (a 3-D box search in a k-d
-    tree). The ratios do not depend on a mirror; the orientation of the two triangles
-    tells the parity. Each triangle pair gives a similarity transform; the transforms vote
-    in (parity, rotation, position of the frame centre) cells, and the most popular are
-    verified by counting the sources that land on a reference star.
-    """
-    src = np.asarray(src_xy, dtype=float).reshape(-1, 2)
-    ref = np.asarray(ref_xy, dtype=float).reshape(-1, 2)
-    if len(src) < 3 or len(ref) < 3:
-        return None
-    if frame_diag is None:
-        frame_diag = float(np.hypot(*(src.max(axis=0) - src.min(axis=0))))
-    eps = float(triangle_tolerance)
-    tau = math.log1p(scale_tolerance) + 2 * eps
-    stri, sinv, slog, sori = _triangles(src, 0.1 * frame_diag, frame_diag, eps)
-    rtri, rinv, rlog, rori = _triangles(ref, 0.1 * frame_diag / (1 + scale_tolerance),
-                                        frame_diag * (1 + scale_tolerance), eps)
-    if len(stri) == 0 or len(rtri) == 0:
-        return None
-    k = eps / tau  # the size axis scaled so that the box is eps wide on every axis
-    fs = np.column_stack([sinv, slog * k])
-    fr = np.column_stack([rinv, rlog * k])
-    pairs = cKDTree(fs).sparse_distance_matrix(cKDTree(fr), eps, p=np.inf, output_type="ndarray")
-    if len(pairs) == 0:
-        return None
-    i, j = pairs["i"].astype(np.intp), pairs["j"].astype(np.intp)
-    parity = (sori[i] * rori[j]).astype(int)
-    zsrc = src[:, 0] + 1j * src[:, 1]
-    zref = ref[:, 0] + 1j * ref[:, 1]
-    zs = zsrc[stri[i]]  # (P, 3)
-    zs = np.where(parity[:, None] > 0, zs, np.conj(zs))
-    zr = zref[rtri[j]]
-    ms, mr = zs.mean(axis=1, keepdims=True), zr.mean(axis=1, keepdims=True)
-    ds = zs - ms
-    a = np.sum((zr - mr) * np.conj(ds), axis=1) / np.sum(np.abs(ds) ** 2, axis=1)
-    b = mr[:, 0] - a * ms[:, 0]
-    good = np.abs(np.log(np.abs(a))) <= tau
-    a, b, parity = a[good], b[good], parity[good]
-    n_cand = int(a.size)
-    if n_cand == 0:
-        return None
-    centre = zsrc.mean()
-    zc = np.where(parity > 0, a * centre + b, a * np.conj(centre) + b)
-    theta = np.degrees(np.angle(a))
-    cell = max(3.0 * tolerance, 0.02 * frame_diag)
-    tb = np.floor((theta + 180.0) / 4.0).astype(np.int64)  # 0..90
-    cx = np.floor(zc.real / cell).astype(np.int64)
-    cy = np.floor(zc.imag / cell).astype(np.int64)
-    cx -= cx.min()
-    cy -= cy.min()
-    keys = ((((parity > 0).astype(np.int64) * 91 + tb) * (int(cx.max()) + 1) + cx) * (int(cy.max()) + 1) + cy)
-    uniq, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
-    tree = cKDTree(ref)
-    best: tuple[int, int, complex, complex, Array, Array] | None = None
-    for cell_id in np.argsort(counts)[::-1][:n_vote]:
-        members = inverse == cell_id
-        par = int(parity[first[cell_id]])
-        am = complex(np.median(a[members].real), np.median(a[members].imag))
-        cm = complex(np.median(zc[members].real), np.median(zc[members].imag))
-        cz = centre if par > 0 else np.conj(centre)
-        bm = cm - am * cz
-        zs_all = zsrc if par > 0 else np.conj(zsrc)
-        si, ri = _inliers(zs_all, tree, am, bm, tolerance)
-        for _ in range(3):  # refine on the inliers
-            if si.size < 3:
-                break
-            am, bm = _similarity(zs_all[si], zref[ri])
-            si2, ri2 = _inliers(zs_all, tree, am, bm, tolerance)
-            if si2.size <= si.size and np.array_equal(si2, si):
-                break
-            si, ri = si2, ri2
-        if best is None or si.size > best[0]:
-            best = (int(si.size), par, am, bm, si, ri)
-    assert best is not None
-    n_in, par, am, bm, si, ri = best
-    return PatternMatch(a=am, b=bm, parity=par, src_index=si, ref_index=ri, n_inliers=n_in,
-                        n_candidates=n_cand, n_sources=len(src), n_refs=len(ref))
-
 
 # ---------------------------------------------------------------------------------------
 # The solver
@@ -670,8 +419,184 @@ def _clipped_fit(x: Array, y: Array, ra: Array, dec: Array, crval: tuple[float, 
     return model, keep, dx, dy
 
 
+
 def _describe(ra0: float, dec0: float) -> str:
     return f"RA={ra0:.5f}, Dec={dec0:.5f}"
+
+
+def _columns(*arrays) -> list[Array]:
+    """Each argument as a flat float64 array."""
+    return [np.asarray(a, dtype=float).ravel() for a in arrays]
+
+
+def _finite_sources(x: Array, y: Array, need: int) -> Array:
+    """Indices of the sources with finite positions; raises when fewer than ``need``."""
+    src_ok = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+    if src_ok.size < need:
+        raise InsufficientDataError(
+            f"only {src_ok.size} sources with finite positions; the blind solve needs at least {need} "
+            "(AstrometryConfig.min_pattern_matches): lower the detection threshold or use a longer exposure")
+    return src_ok
+
+
+def _refs_near(ref_ra: Array, ref_dec: Array, ref_mag: Array, ra0: float, dec0: float, radius: float,
+               need: int) -> tuple[Array, Array, str]:
+    """Reference stars with finite positions (``ref_ok``), those within ``radius`` of the
+    pointing, brightest first (``near``), and the text that says where; raises when fewer
+    than ``need`` are near."""
+    ref_ok = np.flatnonzero(np.isfinite(ref_ra) & np.isfinite(ref_dec))
+    near = ref_ok[angular_distance(ref_ra[ref_ok], ref_dec[ref_ok], ra0, dec0) <= radius]
+    where = f"within {radius:.3g} deg of {_describe(ra0, dec0)}"
+    if near.size < need:
+        what = "the reference catalogue is empty" if ref_ra.size == 0 else \
+            f"only {near.size} of {ref_ra.size} reference stars lie {where}"
+        raise InsufficientDataError(
+            f"{what}; the blind solve needs at least {need}: check the header pointing (RA/DEC) and that the "
+            "reference catalogue covers the field")
+    rmag = np.where(np.isfinite(ref_mag[near]), ref_mag[near], np.inf)
+    return ref_ok, near[np.argsort(rmag, kind="stable")], where
+
+
+def _pattern_search(sx: Array, sy: Array, sflux: Array, ref_ra: Array, ref_dec: Array, near: Array,
+                    ra0: float, dec0: float, shape: tuple[int, int], radius: float, tol: float, where: str,
+                    cfg) -> tuple[PatternMatch, Array, Array]:
+    """Pattern match of the brightest sources and reference stars: a few of each first (fast,
+    the cost grows as the sixth power), more when that finds too little.
+
+    Returns the match and the sources (indices into ``sx``) and reference stars it used;
+    raises when it pairs fewer than ``cfg.min_pattern_matches`` stars.
+    """
+    ny, nx = shape
+    need = cfg.min_pattern_matches
+    scale_deg = cfg.pixel_scale_arcsec / 3600.0
+    diag = math.hypot(nx, ny)
+    order_flux = np.argsort(-sflux, kind="stable")
+    area_ratio = math.pi * (radius / scale_deg) ** 2 / (nx * ny)
+    n_max = min(cfg.n_pattern_stars, sx.size)
+    tries = sorted({min(n, n_max) for n in (20, 30)} | {n_max})
+    pm = None
+    for n_try in tries:
+        n_ref_try = int(min(near.size, max(n_try, min(3 * n_try, round(n_try * area_ratio)))))
+        pref_try = near[:n_ref_try]
+        xi, eta = gnomonic(ref_ra[pref_try], ref_dec[pref_try], ra0, dec0)
+        bright_try = order_flux[:n_try]
+        m = match_pattern(np.column_stack([sx[bright_try], sy[bright_try]]), np.column_stack([xi, eta]) / scale_deg,
+                          scale_tolerance=cfg.scale_tolerance, tolerance=tol,
+                          triangle_tolerance=cfg.triangle_tolerance, frame_diag=diag)
+        if m is not None and (pm is None or m.n_inliers > pm.n_inliers):
+            pm, bright, pref = m, bright_try, pref_try
+        n_src, n_ref = n_try, n_ref_try
+        if pm is not None and pm.n_inliers >= max(need, n_try // 2):
+            break  # a clear match: more stars would only cost time
+    n_pat = 0 if pm is None else pm.n_inliers
+    if pm is None or n_pat < need:
+        raise InsufficientDataError(
+            f"no pattern match between {n_src} sources and {n_ref} reference stars {where} "
+            f"(best: {n_pat} stars in common, {need} needed); check the header pointing (RA/DEC) and the pixel "
+            f"scale (AstrometryConfig.pixel_scale_arcsec={cfg.pixel_scale_arcsec} +-{cfg.scale_tolerance:.0%}, "
+            "--pixel-scale), and that the reference catalogue reaches the frame's brightest stars")
+    return pm, bright, pref
+
+
+def _loo_order(px: Array, py: Array, pra: Array, pdec: Array, model: TpvModel, keep: Array,
+               crpix: tuple[float, float], order: int, notes: list[str]) -> int:
+    """The order (up to ``order``) that predicts left-out stars best, within 2 %: a high order
+    on few stars fits them but bends between and beyond them. Notes a lower choice."""
+    xi_k, eta_k = gnomonic(pra[keep], pdec[keep], *model.crval)
+    loo = [loo_rms(px[keep], py[keep], xi_k, eta_k, crpix, model.cd, o) * 3600e3 for o in range(1, order + 1)]
+    best = min(o for o in range(1, order + 1) if loo[o - 1] <= 1.02 * min(loo))
+    if best < order:
+        notes.append(f"distortion order {best} chosen by leave-one-out cross-validation (prediction rms "
+                     + ", ".join(f"order {o}: {v:.0f} mas" for o, v in enumerate(loo, 1)) + ")")
+    return best
+
+
+def _refine_solution(model: TpvModel, x: Array, y: Array, ref_ra: Array, ref_dec: Array, src_ok: Array,
+                     ref_ok: Array, crpix: tuple[float, float], diag: float, tol: float, n_pattern: int, cfg,
+                     notes: list[str]) -> tuple[TpvModel, Array, Array, Array]:
+    """Iterative re-matching and fitting from the linear solution ``model``, the order rising
+    over the first iterations; returns the model, the matched pairs (source and reference
+    indices) and the pairs kept by the clipping."""
+    need = cfg.min_pattern_matches
+    sx, sy = x[src_ok], y[src_ok]
+    # Reference stars of the solved field.
+    scale_est = math.sqrt(abs(np.linalg.det(model.jacobian())))
+    field_r = 0.5 * diag * scale_est * 1.05 + 10 * scale_est
+    frame_refs = ref_ok[angular_distance(ref_ra[ref_ok], ref_dec[ref_ok], *model.crval) <= field_r]
+    radius_as = max(tol * scale_est * 3600.0, cfg.match_radius_arcsec)
+    order_max = cfg.distortion_order
+    pairs_s = pairs_r = keep = None
+    for it in range(cfg.iterations):
+        xi_s, eta_s = model.standard(sx, sy)
+        xi_r, eta_r = gnomonic(ref_ra[frame_refs], ref_dec[frame_refs], *model.crval)
+        i1, i2, _ = crossmatch(xi_s * 3600.0, eta_s * 3600.0, xi_r * 3600.0, eta_r * 3600.0, radius_as)
+        n = i1.size
+        order = order_max if it == cfg.iterations - 1 else min(order_max, it + 2)
+        while order > 1 and n < cfg.min_stars_per_term * n_tpv_terms(order):
+            order -= 1
+        if n < max(need, cfg.min_stars_per_term * n_tpv_terms(1)):
+            raise InsufficientDataError(
+                f"only {n} sources matched reference stars within {radius_as:.2f} arcsec after the pattern match "
+                f"({n_pattern} pattern stars); a reliable fit needs at least "
+                f"{max(need, int(math.ceil(cfg.min_stars_per_term * 3)))}: use a deeper reference catalogue "
+                "or detect fainter sources")
+        pairs_s, pairs_r = src_ok[i1], frame_refs[i2]
+        px, py, pra, pdec = x[pairs_s], y[pairs_s], ref_ra[pairs_r], ref_dec[pairs_r]
+        model, keep, dx, dy = _clipped_fit(px, py, pra, pdec, model.crval, crpix, order, cfg.clip_sigma,
+                                           model.cd, need)
+        if it == cfg.iterations - 1 and order < order_max:
+            notes.append(
+                f"distortion order lowered from {order_max} to {order}: {n} matched stars, order {order_max} "
+                f"needs >= {int(math.ceil(cfg.min_stars_per_term * n_tpv_terms(order_max)))} "
+                f"({cfg.min_stars_per_term:g} per coefficient); a deeper reference catalogue gives more")
+        if it == cfg.iterations - 1 and cfg.select_order and order > 1:
+            best = _loo_order(px, py, pra, pdec, model, keep, crpix, order, notes)
+            if best < order:
+                model, keep, dx, dy = _clipped_fit(px, py, pra, pdec, model.crval, crpix, best, cfg.clip_sigma,
+                                                   model.cd, need)
+        rms = math.sqrt(float(np.mean(dx[keep] ** 2 + dy[keep] ** 2)))
+        radius_as = max(cfg.match_radius_arcsec, min(radius_as, 5.0 * rms))
+    assert pairs_s is not None and keep is not None
+    return model, pairs_s, pairs_r, keep
+
+
+def _solution(model: TpvModel, x: Array, y: Array, ref_ra: Array, ref_dec: Array, pairs_s: Array, pairs_r: Array,
+              keep: Array, crpix: tuple[float, float]) -> dict:
+    """Final statistics of a solution, after and before (linear) the distortion: the keys of
+    :func:`solve_wcs` but ``n_pattern``, ``search_radius_deg`` and ``notes``."""
+    dra, ddec = _residuals_arcsec(model, x[pairs_s], y[pairs_s], ref_ra[pairs_r], ref_dec[pairs_r])
+    rms_as = math.sqrt(float(np.mean(dra[keep] ** 2 + ddec[keep] ** 2)))
+    ks, kr = pairs_s[keep], pairs_r[keep]  # the best linear solution on the same stars
+    linear = _fit_model(x[ks], y[ks], ref_ra[kr], ref_dec[kr], model.crval, crpix, 1, model.cd)
+    dra0, ddec0 = _residuals_arcsec(linear, x[pairs_s], y[pairs_s], ref_ra[pairs_r], ref_dec[pairs_r])
+    rms_before = math.sqrt(float(np.mean(dra0[keep] ** 2 + ddec0[keep] ** 2)))
+    jac = model.jacobian()
+    det = float(np.linalg.det(jac))
+    pixel_scale = math.sqrt(abs(det)) * 3600.0
+    rotation = math.degrees(math.atan2(jac[0, 1], jac[1, 1])) % 360.0
+    rms_axes = (math.sqrt(float(np.mean(dra[keep] ** 2))), math.sqrt(float(np.mean(ddec[keep] ** 2))))
+    header = tpv_header(model, rms_arcsec=rms_axes, n_stars=int(keep.sum()))
+    ra_c, dec_c = model.sky(np.array([crpix[0]]), np.array([crpix[1]]))
+    return {
+        "header": header,
+        "model": model,
+        "order": model.order,
+        "n_matched": int(keep.sum()),
+        "rms_mas": rms_as * 1000.0,
+        "rms_px": rms_as / pixel_scale,
+        "rms_mas_before": rms_before * 1000.0,
+        "source_index": pairs_s,
+        "ref_index": pairs_r,
+        "used": keep,
+        "dra_arcsec": dra,
+        "ddec_arcsec": ddec,
+        "dra_before_arcsec": dra0,
+        "ddec_before_arcsec": ddec0,
+        "rotation_deg": rotation,
+        "pixel_scale_arcsec": pixel_scale,
+        "parity": 1 if det > 0 else -1,
+        "center": (float(ra_c[0]), float(dec_c[0])),
+    }
 
 
 def solve_wcs(x: Array, y: Array, flux: Array, ref_ra: Array, ref_dec: Array, ref_mag: Array,
@@ -716,14 +641,10 @@ def solve_wcs(x: Array, y: Array, flux: Array, ref_ra: Array, ref_dec: Array, re
         config = AstrometryConfig()
     cfg = config
     ny, nx = (int(s) for s in shape)
-    x = np.asarray(x, dtype=float).ravel()
-    y = np.asarray(y, dtype=float).ravel()
-    flux = np.asarray(flux, dtype=float).ravel()
+    x, y, flux = _columns(x, y, flux)
     if not x.size == y.size == flux.size:
         raise ValueError(f"x, y and flux differ in length ({x.size}, {y.size}, {flux.size})")
-    ref_ra = np.asarray(ref_ra, dtype=float).ravel()
-    ref_dec = np.asarray(ref_dec, dtype=float).ravel()
-    ref_mag = np.asarray(ref_mag, dtype=float).ravel()
+    ref_ra, ref_dec, ref_mag = _columns(ref_ra, ref_dec, ref_mag)
     if not ref_ra.size == ref_dec.size == ref_mag.size:
         raise ValueError(f"ref ra, dec and mag differ in length ({ref_ra.size}, {ref_dec.size}, {ref_mag.size})")
     ra0, dec0 = float(ra0) % 360.0, float(dec0)
@@ -733,11 +654,7 @@ def solve_wcs(x: Array, y: Array, flux: Array, ref_ra: Array, ref_dec: Array, re
     need = cfg.min_pattern_matches
 
     # Sources: finite positions, brightest first.
-    src_ok = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
-    if src_ok.size < need:
-        raise InsufficientDataError(
-            f"only {src_ok.size} sources with finite positions; the blind solve needs at least {need} "
-            "(AstrometryConfig.min_pattern_matches): lower the detection threshold or use a longer exposure")
+    src_ok = _finite_sources(x, y, need)
     sx, sy = x[src_ok], y[src_ok]
     sflux = np.where(np.isfinite(flux[src_ok]), flux[src_ok], -np.inf)
 
@@ -747,137 +664,21 @@ def solve_wcs(x: Array, y: Array, flux: Array, ref_ra: Array, ref_dec: Array, re
     radius = cfg.search_radius_deg
     if radius is None:
         radius = (0.5 * diag * (1 + cfg.scale_tolerance) + cfg.pointing_error_fraction * max(nx, ny)) * scale_deg
-    ref_ok = np.flatnonzero(np.isfinite(ref_ra) & np.isfinite(ref_dec))
-    near = ref_ok[angular_distance(ref_ra[ref_ok], ref_dec[ref_ok], ra0, dec0) <= radius]
-    where = f"within {radius:.3g} deg of {_describe(ra0, dec0)}"
-    if near.size < need:
-        what = "the reference catalogue is empty" if ref_ra.size == 0 else \
-            f"only {near.size} of {ref_ra.size} reference stars lie {where}"
-        raise InsufficientDataError(
-            f"{what}; the blind solve needs at least {need}: check the header pointing (RA/DEC) and that the "
-            "reference catalogue covers the field")
-    rmag = np.where(np.isfinite(ref_mag[near]), ref_mag[near], np.inf)
-    near = near[np.argsort(rmag, kind="stable")]
+    ref_ok, near, where = _refs_near(ref_ra, ref_dec, ref_mag, ra0, dec0, radius, need)
 
-    # Pattern match of the brightest sources and reference stars: a few of each first (fast,
-    # the cost grows as the sixth power), more when that finds too little.
-    order_flux = np.argsort(-sflux, kind="stable")
-    area_ratio = math.pi * (radius / scale_deg) ** 2 / (nx * ny)
     tol = max(cfg.pattern_tolerance_px, 0.003 * diag)
-    n_max = min(cfg.n_pattern_stars, sx.size)
-    tries = sorted({min(n, n_max) for n in (20, 30)} | {n_max})
-    pm = None
-    for n_try in tries:
-        n_ref_try = int(min(near.size, max(n_try, min(3 * n_try, round(n_try * area_ratio)))))
-        pref_try = near[:n_ref_try]
-        xi, eta = gnomonic(ref_ra[pref_try], ref_dec[pref_try], ra0, dec0)
-        bright_try = order_flux[:n_try]
-        m = match_pattern(np.column_stack([sx[bright_try], sy[bright_try]]), np.column_stack([xi, eta]) / scale_deg,
-                          scale_tolerance=cfg.scale_tolerance, tolerance=tol,
-                          triangle_tolerance=cfg.triangle_tolerance, frame_diag=diag)
-        if m is not None and (pm is None or m.n_inliers > pm.n_inliers):
-            pm, bright, pref = m, bright_try, pref_try
-        n_src, n_ref = n_try, n_ref_try
-        if pm is not None and pm.n_inliers >= max(need, n_try // 2):
-            break  # a clear match: more stars would only cost time
-    n_pat = 0 if pm is None else pm.n_inliers
-    if pm is None or n_pat < need:
-        raise InsufficientDataError(
-            f"no pattern match between {n_src} sources and {n_ref} reference stars {where} "
-            f"(best: {n_pat} stars in common, {need} needed); check the header pointing (RA/DEC) and the pixel "
-            f"scale (AstrometryConfig.pixel_scale_arcsec={cfg.pixel_scale_arcsec} +-{cfg.scale_tolerance:.0%}, "
-            "--pixel-scale), and that the reference catalogue reaches the frame's brightest stars")
+    pm, bright, pref = _pattern_search(sx, sy, sflux, ref_ra, ref_dec, near, ra0, dec0, (ny, nx), radius, tol,
+                                       where, cfg)
     notes.append(f"pattern match: {pm.n_inliers} of {pm.n_sources} brightest sources on {pm.n_refs} reference "
                  f"stars (parity {pm.parity:+d}, scale {abs(pm.a):.4f} x the expected, "
                  f"{pm.n_candidates} triangle candidates)")
 
-    # Initial linear solution from the pattern pairs.
+    # Initial linear solution from the pattern pairs, then the distortion.
     crpix = ((nx - 1) / 2.0, (ny - 1) / 2.0)
     ps = src_ok[bright[pm.src_index]]
     pr = pref[pm.ref_index]
     model = _fit_model(x[ps], y[ps], ref_ra[pr], ref_dec[pr], (ra0, dec0), crpix, 1)
-    # Reference stars of the solved field.
-    centre = model.crval
-    scale_est = math.sqrt(abs(np.linalg.det(model.jacobian())))
-    field_r = 0.5 * diag * scale_est * 1.05 + 10 * scale_est
-    frame_refs = ref_ok[angular_distance(ref_ra[ref_ok], ref_dec[ref_ok], *centre) <= field_r]
-
-    # Iterative re-matching and fitting, the order rising over the first iterations.
-    radius_as = max(tol * scale_est * 3600.0, cfg.match_radius_arcsec)
-    order_max = cfg.distortion_order
-    pairs_s = pairs_r = keep = None
-    for it in range(cfg.iterations):
-        xi_s, eta_s = model.standard(sx, sy)
-        xi_r, eta_r = gnomonic(ref_ra[frame_refs], ref_dec[frame_refs], *model.crval)
-        i1, i2, _ = crossmatch(xi_s * 3600.0, eta_s * 3600.0, xi_r * 3600.0, eta_r * 3600.0, radius_as)
-        n = i1.size
-        order = order_max if it == cfg.iterations - 1 else min(order_max, it + 2)
-        while order > 1 and n < cfg.min_stars_per_term * n_tpv_terms(order):
-            order -= 1
-        if n < max(need, cfg.min_stars_per_term * n_tpv_terms(1)):
-            raise InsufficientDataError(
-                f"only {n} sources matched reference stars within {radius_as:.2f} arcsec after the pattern match "
-                f"({pm.n_inliers} pattern stars); a reliable fit needs at least "
-                f"{max(need, int(math.ceil(cfg.min_stars_per_term * 3)))}: use a deeper reference catalogue "
-                "or detect fainter sources")
-        pairs_s, pairs_r = src_ok[i1], frame_refs[i2]
-        px, py, pra, pdec = x[pairs_s], y[pairs_s], ref_ra[pairs_r], ref_dec[pairs_r]
-        model, keep, dx, dy = _clipped_fit(px, py, pra, pdec, model.crval, crpix, order, cfg.clip_sigma,
-                                           model.cd, need)
-        if it == cfg.iterations - 1 and order < order_max:
-            notes.append(
-                f"distortion order lowered from {order_max} to {order}: {n} matched stars, order {order_max} "
-                f"needs >= {int(math.ceil(cfg.min_stars_per_term * n_tpv_terms(order_max)))} "
-                f"({cfg.min_stars_per_term:g} per coefficient); a deeper reference catalogue gives more")
-        if it == cfg.iterations - 1 and cfg.select_order and order > 1:
-            # The order that predicts left-out stars best: a high order on few stars fits them
-            # but bends between and beyond them.
-            xi_k, eta_k = gnomonic(pra[keep], pdec[keep], *model.crval)
-            loo = [loo_rms(px[keep], py[keep], xi_k, eta_k, crpix, model.cd, o) * 3600e3 for o in range(1, order + 1)]
-            best = min(o for o in range(1, order + 1) if loo[o - 1] <= 1.02 * min(loo))
-            if best < order:
-                notes.append(f"distortion order {best} chosen by leave-one-out cross-validation (prediction rms "
-                             + ", ".join(f"order {o}: {v:.0f} mas" for o, v in enumerate(loo, 1)) + ")")
-                model, keep, dx, dy = _clipped_fit(px, py, pra, pdec, model.crval, crpix, best, cfg.clip_sigma,
-                                                   model.cd, need)
-        rms = math.sqrt(float(np.mean(dx[keep] ** 2 + dy[keep] ** 2)))
-        radius_as = max(cfg.match_radius_arcsec, min(radius_as, 5.0 * rms))
-    assert pairs_s is not None and keep is not None
-
-    # Final statistics, after and before (linear) the distortion.
-    dra, ddec = _residuals_arcsec(model, x[pairs_s], y[pairs_s], ref_ra[pairs_r], ref_dec[pairs_r])
-    rms_as = math.sqrt(float(np.mean(dra[keep] ** 2 + ddec[keep] ** 2)))
-    ks, kr = pairs_s[keep], pairs_r[keep]  # the best linear solution on the same stars
-    linear = _fit_model(x[ks], y[ks], ref_ra[kr], ref_dec[kr], model.crval, crpix, 1, model.cd)
-    dra0, ddec0 = _residuals_arcsec(linear, x[pairs_s], y[pairs_s], ref_ra[pairs_r], ref_dec[pairs_r])
-    rms_before = math.sqrt(float(np.mean(dra0[keep] ** 2 + ddec0[keep] ** 2)))
-    jac = model.jacobian()
-    det = float(np.linalg.det(jac))
-    pixel_scale = math.sqrt(abs(det)) * 3600.0
-    rotation = math.degrees(math.atan2(jac[0, 1], jac[1, 1])) % 360.0
-    rms_axes = (math.sqrt(float(np.mean(dra[keep] ** 2))), math.sqrt(float(np.mean(ddec[keep] ** 2))))
-    header = tpv_header(model, rms_arcsec=rms_axes, n_stars=int(keep.sum()))
-    ra_c, dec_c = model.sky(np.array([crpix[0]]), np.array([crpix[1]]))
-    return {
-        "header": header,
-        "model": model,
-        "order": model.order,
-        "n_matched": int(keep.sum()),
-        "rms_mas": rms_as * 1000.0,
-        "rms_px": rms_as / pixel_scale,
-        "rms_mas_before": rms_before * 1000.0,
-        "source_index": pairs_s,
-        "ref_index": pairs_r,
-        "used": keep,
-        "dra_arcsec": dra,
-        "ddec_arcsec": ddec,
-        "dra_before_arcsec": dra0,
-        "ddec_before_arcsec": ddec0,
-        "rotation_deg": rotation,
-        "pixel_scale_arcsec": pixel_scale,
-        "parity": 1 if det > 0 else -1,
-        "center": (float(ra_c[0]), float(dec_c[0])),
-        "n_pattern": pm.n_inliers,
-        "search_radius_deg": float(radius),
-        "notes": notes,
-    }
+    model, pairs_s, pairs_r, keep = _refine_solution(model, x, y, ref_ra, ref_dec, src_ok, ref_ok, crpix, diag, tol,
+                                                     pm.n_inliers, cfg, notes)
+    return {**_solution(model, x, y, ref_ra, ref_dec, pairs_s, pairs_r, keep, crpix),
+            "n_pattern": pm.n_inliers, "search_radius_deg": float(radius), "notes": notes}

@@ -217,41 +217,258 @@ def _write_truth_maps(camera: Camera, folder: Path) -> None:
         fits.PrimaryHDU(data=data).writeto(folder / f"{tel}_{name}.fits", overwrite=True)
 
 
+def _check_survey_options(night_dates: list[date], ps_bias_night: int | None, counts: dict[str, int],
+                          exptime: float, dark_exptime: float, overhead: float, track_probability: float) -> None:
+    """Reject impossible :func:`write_survey` options before anything is written."""
+    for name, value in counts.items():
+        if int(value) < 0:
+            raise ValueError(f"{name}={value} must be >= 0")
+    if exptime <= 0 or dark_exptime < 0 or overhead < 0:
+        raise ValueError("exptime must be > 0, dark_exptime and overhead >= 0")
+    if not 0.0 <= track_probability <= 1.0:
+        raise ValueError(f"track_probability={track_probability} must be in [0, 1]")
+    if ps_bias_night is not None and not 0 <= ps_bias_night < len(night_dates):
+        raise ValueError(f"ps_bias_night={ps_bias_night} is not a night index (0..{len(night_dates) - 1})")
+
+
+def _telescope_filters(telescopes: Sequence[str],
+                       filters: dict[str, str] | None) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The telescopes (unique) and the filter of each (defaults: :data:`DEFAULT_FILTERS`)."""
+    telescopes = tuple(telescopes)
+    if not telescopes or len(set(telescopes)) != len(telescopes):
+        raise ValueError(f"telescopes={telescopes} must be non-empty and unique")
+    filt = dict(DEFAULT_FILTERS)
+    filt.update(filters or {})
+    missing = [t for t in telescopes if t not in filt]
+    if missing:
+        raise ValueError(f"no filter for telescope(s) {missing}; pass filters={{...}}")
+    return telescopes, filt
+
+
+def _survey_catalog(catalog: Table | None, base: CameraModel, field_center: tuple[float, float],
+                    pointing_jitter_arcsec: float, star_density: float, mag_range: tuple[float, float],
+                    bands: tuple[str, ...], seed: int) -> Table:
+    """The given catalogue, checked, or a random one covering every pointing (frame diagonal
+    + jitter margin)."""
+    if catalog is None:
+        ny, nx = base.shape
+        scale = base.pixel_scale_arcsec / 3600.0
+        margin = 6 * pointing_jitter_arcsec / 3600.0 + 40 * scale
+        catalog = make_star_catalog(field_center[0], field_center[1], nx * scale * 1.05 + 2 * margin,
+                                    ny * scale * 1.05 + 2 * margin, density_per_deg2=star_density,
+                                    mag_range=mag_range, filters=bands, rng=np.random.default_rng([seed, 99]))
+    for col in ("ra", "dec", "mag"):
+        if col not in catalog.colnames:
+            raise ValueError(f"catalog lacks column {col!r}")
+    return catalog
+
+
+@dataclass
+class _Survey:
+    """One :func:`write_survey` call: the checked options, and every frame written so far
+    (their number seeds each frame's header noise)."""
+
+    outdir: Path
+    seed: int
+    night_dates: list[date]
+    telescopes: tuple[str, ...]
+    filters: dict[str, str]
+    base: CameraModel
+    catalog: Table
+    keep_maps: bool | None
+    imagetyp_style: str
+    write_truth_maps: bool
+    ps_bias_night: int | None
+    n_ps_bias: int
+    n_bias: int
+    n_flat: int
+    flat_level: float
+    n_bad_flats: int
+    n_science: int
+    exptime: float
+    overhead: float
+    field_name: str
+    field_center: tuple[float, float]
+    pointing_jitter_arcsec: float
+    seeing_scatter: float
+    transparency_scatter: float
+    track_probability: float
+    cosmic_rays: bool | float
+    write_wcs: bool
+    n_dark: int
+    dark_exptime: float
+    frames: list[FrameTruth] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.keep = self.base.npix <= _SMALL_NPIX if self.keep_maps is None else bool(self.keep_maps)
+        self.night_names = [d.strftime("%Y%m%d") for d in self.night_dates]
+        self.night_index = {n: (d - self.night_dates[0]).days for n, d in zip(self.night_names, self.night_dates)}
+        self.ps_name = (self.night_names[self.ps_bias_night]
+                        if self.ps_bias_night is not None and self.n_ps_bias > 0 else None)
+
+    def write(self) -> SurveyTruth:
+        """The reference catalogue, every telescope's nights, then the truth table."""
+        refcat_path = self.outdir / "refcat.csv"
+        self.catalog.write(refcat_path, format="ascii.csv", overwrite=True)
+        cameras = {tel: self._write_telescope(tel) for tel in self.telescopes}
+        frames = sorted(self.frames, key=lambda f: (f.mjd_obs or 0.0, f.telescope))
+        frames_csv = _write_frames_csv(self.outdir / "truth_frames.csv", frames, self.outdir)
+        return SurveyTruth(outdir=self.outdir, frames=frames, nights=self.night_names,
+                           night_indices=self.night_index, telescopes=self.telescopes,
+                           filters={t: self.filters[t] for t in self.telescopes}, cameras=cameras,
+                           field_name=self.field_name,
+                           field_center=(float(self.field_center[0]), float(self.field_center[1])),
+                           catalog=self.catalog, refcat_path=refcat_path, frames_csv=frames_csv,
+                           ps_night=self.ps_name, seed=int(self.seed))
+
+    def _write_telescope(self, tel: str) -> Camera:
+        """Every night of one telescope; returns its camera."""
+        filt = self.filters[tel]
+        tmodel = replace(self.base, telescope=tel, filter=filt)
+        camera = make_camera(tmodel, _camera_seed(self.seed, tel))
+        mag_col = f"mag_{filt}" if f"mag_{filt}" in self.catalog.colnames else "mag"
+        stars = {"ra": np.asarray(self.catalog["ra"], float), "dec": np.asarray(self.catalog["dec"], float),
+                 "mag": np.asarray(self.catalog[mag_col], float)}
+        tel_code = zlib.crc32(tel.encode()) % 100000
+        for name, evening in zip(self.night_names, self.night_dates):
+            _Night(self, tel, tmodel, camera, stars, tel_code, name, evening, self.night_index[name]).write()
+        if self.write_truth_maps:
+            _write_truth_maps(camera, self.outdir / "truth")
+        if self.base.npix > _SMALL_NPIX:
+            camera.clear_cache()  # bounded memory: maps are rebuilt identically on demand
+        return camera
+
+
+@dataclass
+class _Night:
+    """One telescope's night of a :class:`_Survey`, written frame by frame in time order.
+
+    Every frame draws from its own generator (:meth:`rng`); only the timestamps share the
+    night's jitter generator, so the steps must run in the order of :meth:`write`.
+    """
+
+    survey: _Survey
+    tel: str
+    tmodel: CameraModel
+    camera: Camera
+    stars: dict[str, np.ndarray]
+    tel_code: int
+    name: str
+    evening: date
+    nidx: int
+
+    def __post_init__(self) -> None:
+        self.folder = self.survey.outdir / self.name
+        # Small per-frame time jitter gives realistic non-round timestamps.
+        self.jit = np.random.default_rng([self.survey.seed, self.tel_code, self.nidx, 0])
+
+    def rng(self, kind: str, i: int) -> np.random.Generator:
+        """The generator of frame ``i`` of one kind."""
+        return np.random.default_rng([self.survey.seed, self.tel_code, self.nidx, _KIND_CODE[kind], i])
+
+    def emit(self, data: np.ndarray, truth: FrameTruth, kind: str, fname: str, when: datetime,
+             sequence: str = "nightly", ra: float | None = None, dec: float | None = None,
+             object_name: str | None = None, airmass: float | None = None, wcs=None) -> None:
+        """Write one frame with its header and record its truth."""
+        s = self.survey
+        if ra is None:
+            ra, dec = zenith_radec(when, SITE["lat"], SITE["lon"])
+        trng = np.random.default_rng([s.seed, self.tel_code, self.nidx, 77, len(s.frames)])
+        header = fits_header(self.tmodel, kind, when, truth.exptime, object_name=object_name or kind,
+                             ra=ra, dec=dec, ccd_temp=self.tmodel.ccd_temp_c + float(trng.normal(0, 0.05)),
+                             airmass=airmass, wcs=wcs, imagetyp_style=s.imagetyp_style)
+        path = write_fits(self.folder / fname, data, header)
+        truth.path, truth.night, truth.header = path, self.name, header
+        truth.checksum = frame_checksum(data)
+        truth.date_obs, truth.mjd_obs = header["DATE-OBS"], float(header["MJD-OBS"])
+        truth.sequence, truth.object_name = sequence, header["OBJECT"]
+        truth.night_index = self.nidx
+        if not s.keep:
+            truth.drop_maps()
+            truth.stars = None
+        s.frames.append(truth)
+
+    def write(self) -> None:
+        """The nightly routine: bias, twilight flats, science, darks, then the PS biases."""
+        jit, evening = self.jit, self.evening
+        t = self._biases(_local_to_utc(evening, 18 + 40 / 60) + timedelta(seconds=float(jit.uniform(0, 30))))
+        t = self._flats(max(t, _local_to_utc(evening, 18.75)) + timedelta(seconds=float(jit.uniform(0, 20))))
+        t = self._science(max(t, _local_to_utc(evening, 19.5)) + timedelta(seconds=float(jit.uniform(0, 10))))
+        # Darks with the dust cap on, then the PS bias sequence.
+        t = self._darks(t + timedelta(minutes=10))
+        if self.name == self.survey.ps_name:
+            self._ps_biases(t + timedelta(minutes=5))
+
+    def _biases(self, t: datetime) -> datetime:
+        for i in range(self.survey.n_bias):
+            data, truth = self.camera.bias(self.rng("bias", i))
+            self.emit(data, truth, "bias", f"{self.tel}_bias_{i + 1:04d}.fits", t)
+            t += timedelta(seconds=3.0 + float(self.jit.uniform(0, 0.5)))
+        return t
+
+    def _flats(self, t: datetime) -> datetime:
+        """Twilight flats: levels scatter around flat_level as the sky fades."""
+        s = self.survey
+        levels = list(s.flat_level * np.clip(np.exp(self.jit.normal(0.0, 0.1, s.n_flat)), 0.7, 1.4))
+        levels += [2500.0 if k % 2 == 0 else 55000.0 for k in range(s.n_bad_flats)]
+        for i, level in enumerate(levels):
+            fexp = round(float(self.jit.uniform(1.0, 6.0)), 3)
+            data, truth = self.camera.flat(level, self.nidx, self.rng("flat", i), exptime=fexp, masks=s.keep)
+            self.emit(data, truth, "flat", f"{self.tel}_flat_{i + 1:04d}.fits", t)
+            t += timedelta(seconds=fexp + 6.0 + float(self.jit.uniform(0, 1)))
+        return t
+
+    def _science(self, t: datetime) -> datetime:
+        """Science through the night: pointing, seeing, transparency, sky and tracks vary."""
+        s, tmodel, (ra0, dec0) = self.survey, self.tmodel, self.survey.field_center
+        for i in range(s.n_science):
+            frng = self.rng("science", i)
+            cosd = np.cos(np.deg2rad(dec0))
+            ra = ra0 + frng.normal(0.0, s.pointing_jitter_arcsec) / 3600.0 / max(cosd, 1e-3)
+            dec = dec0 + frng.normal(0.0, s.pointing_jitter_arcsec) / 3600.0
+            seeing = tmodel.seeing_arcsec * float(np.exp(frng.normal(0.0, s.seeing_scatter)))
+            transp = float(np.clip(1.0 - abs(frng.normal(0.0, s.transparency_scatter)), 0.3, 1.0))
+            sky = tmodel.sky_brightness + float(frng.normal(0.0, 0.1))
+            _, airmass = airmass_at(ra, dec, t, SITE["lat"], SITE["lon"])
+            n_tracks = int(frng.random() < s.track_probability) + int(frng.random() < s.track_probability * 0.1)
+            data, truth = self.camera.science(s.exptime, ra, dec, self.stars, frng, night_index=self.nidx,
+                                              tracks=n_tracks, cosmic_rays=s.cosmic_rays, seeing_arcsec=seeing,
+                                              transparency=transp, airmass=max(airmass, 1.0), sky_mag=sky,
+                                              masks=s.keep)
+            truth.header_pointing = (float(ra0), float(dec0))
+            self.emit(data, truth, "science", f"{self.tel}_sci_{i + 1:04d}.fits", t, ra=ra0, dec=dec0,
+                      object_name=s.field_name, airmass=max(airmass, 1.0), wcs=truth.wcs if s.write_wcs else None)
+            t += timedelta(seconds=s.exptime + s.overhead + float(self.jit.uniform(0, 2)))
+        return t
+
+    def _darks(self, t: datetime) -> datetime:
+        s = self.survey
+        for i in range(s.n_dark):
+            data, truth = self.camera.dark(s.dark_exptime, self.rng("dark", i), cosmic_rays=s.cosmic_rays,
+                                           masks=s.keep)
+            self.emit(data, truth, "dark", f"{self.tel}_dark_{i + 1:04d}.fits", t)
+            t += timedelta(seconds=s.dark_exptime + 5.0 + float(self.jit.uniform(0, 1)))
+        return t
+
+    def _ps_biases(self, t: datetime) -> datetime:
+        for i in range(self.survey.n_ps_bias):
+            data, truth = self.camera.bias(self.rng("ps", i))
+            self.emit(data, truth, "bias", f"{self.tel}_psbias_{i + 1:04d}.fits", t, sequence="ps")
+            t += timedelta(seconds=12.0 + float(self.jit.uniform(0, 0.5)))
+        return t
+
+
 def write_survey(
-    outdir: str | os.PathLike,
-    nights: int | Sequence[str] = 2,
-    start_night: str = "2023-01-18",
-    shape: tuple[int, int] = (640, 960),
-    *,
-    n_bias: int = 10,
-    n_flat: int = 20,
-    n_dark: int = 3,
-    dark_exptime: float = 300.0,
-    n_science: int = 4,
-    exptime: float = 300.0,
-    overhead: float = 30.0,
-    ps_bias_night: int | bool | None = 0,
-    n_ps_bias: int = 100,
-    telescopes: Sequence[str] = ("MST2",),
-    filters: dict[str, str] | None = None,
-    field: str = "f02",
-    field_center: tuple[float, float] = DEFAULT_FIELD,
-    model: CameraModel | None = None,
-    catalog: Table | None = None,
-    star_density: float = 10000.0,
-    mag_range: tuple[float, float] = (10.0, 20.0),
-    flat_level: float = 20000.0,
-    n_bad_flats: int = 0,
-    track_probability: float = 0.25,
-    cosmic_rays: bool | float = True,
-    pointing_jitter_arcsec: float = 3.0,
-    seeing_scatter: float = 0.1,
-    transparency_scatter: float = 0.03,
-    keep_maps: bool | None = None,
-    write_wcs: bool = False,
-    imagetyp_style: str = "maxim",
-    write_truth_maps: bool = False,
-    seed: int = 0,
+    outdir: str | os.PathLike, nights: int | Sequence[str] = 2, start_night: str = "2023-01-18",
+    shape: tuple[int, int] = (640, 960), *, n_bias: int = 10, n_flat: int = 20, n_dark: int = 3,
+    dark_exptime: float = 300.0, n_science: int = 4, exptime: float = 300.0, overhead: float = 30.0,
+    ps_bias_night: int | bool | None = 0, n_ps_bias: int = 100, telescopes: Sequence[str] = ("MST2",),
+    filters: dict[str, str] | None = None, field: str = "f02", field_center: tuple[float, float] = DEFAULT_FIELD,
+    model: CameraModel | None = None, catalog: Table | None = None, star_density: float = 10000.0,
+    mag_range: tuple[float, float] = (10.0, 20.0), flat_level: float = 20000.0, n_bad_flats: int = 0,
+    track_probability: float = 0.25, cosmic_rays: bool | float = True, pointing_jitter_arcsec: float = 3.0,
+    seeing_scatter: float = 0.1, transparency_scatter: float = 0.03, keep_maps: bool | None = None,
+    write_wcs: bool = False, imagetyp_style: str = "maxim", write_truth_maps: bool = False, seed: int = 0,
 ) -> SurveyTruth:
     """Simulate and write MST observing nights.
 
@@ -336,141 +553,22 @@ def write_survey(
     night_dates = _night_list(nights, start_night)
     if isinstance(ps_bias_night, bool):  # bool is an int: True must not mean night 1
         ps_bias_night = 0 if ps_bias_night else None
-    for name, value in (("n_bias", n_bias), ("n_flat", n_flat), ("n_dark", n_dark), ("n_science", n_science),
-                        ("n_ps_bias", n_ps_bias), ("n_bad_flats", n_bad_flats)):
-        if int(value) < 0:
-            raise ValueError(f"{name}={value} must be >= 0")
-    if exptime <= 0 or dark_exptime < 0 or overhead < 0:
-        raise ValueError("exptime must be > 0, dark_exptime and overhead >= 0")
-    if not 0.0 <= track_probability <= 1.0:
-        raise ValueError(f"track_probability={track_probability} must be in [0, 1]")
-    if ps_bias_night is not None and not 0 <= ps_bias_night < len(night_dates):
-        raise ValueError(f"ps_bias_night={ps_bias_night} is not a night index (0..{len(night_dates) - 1})")
-    telescopes = tuple(telescopes)
-    if not telescopes or len(set(telescopes)) != len(telescopes):
-        raise ValueError(f"telescopes={telescopes} must be non-empty and unique")
-    filt = dict(DEFAULT_FILTERS)
-    filt.update(filters or {})
-    missing = [t for t in telescopes if t not in filt]
-    if missing:
-        raise ValueError(f"no filter for telescope(s) {missing}; pass filters={{...}}")
+    _check_survey_options(night_dates, ps_bias_night, dict(n_bias=n_bias, n_flat=n_flat, n_dark=n_dark,
+                          n_science=n_science, n_ps_bias=n_ps_bias, n_bad_flats=n_bad_flats),
+                          exptime, dark_exptime, overhead, track_probability)
+    telescopes, filt = _telescope_filters(telescopes, filters)
     base = replace(model if model is not None else CameraModel(), shape=tuple(shape))
-    keep = base.npix <= _SMALL_NPIX if keep_maps is None else bool(keep_maps)
-    night_names = [d.strftime("%Y%m%d") for d in night_dates]
-    night_index = {n: (d - night_dates[0]).days for n, d in zip(night_names, night_dates)}
-    ps_name = night_names[ps_bias_night] if ps_bias_night is not None and n_ps_bias > 0 else None
-
-    # Reference catalogue covering every pointing (frame diagonal + jitter margin).
-    bands = tuple(dict.fromkeys(filt[t] for t in telescopes))
-    if catalog is None:
-        ny, nx = base.shape
-        scale = base.pixel_scale_arcsec / 3600.0
-        margin = 6 * pointing_jitter_arcsec / 3600.0 + 40 * scale
-        catalog = make_star_catalog(field_center[0], field_center[1], nx * scale * 1.05 + 2 * margin,
-                                    ny * scale * 1.05 + 2 * margin, density_per_deg2=star_density,
-                                    mag_range=mag_range, filters=bands, rng=np.random.default_rng([seed, 99]))
-    for col in ("ra", "dec", "mag"):
-        if col not in catalog.colnames:
-            raise ValueError(f"catalog lacks column {col!r}")
-    refcat_path = outdir / "refcat.csv"
-    catalog.write(refcat_path, format="ascii.csv", overwrite=True)
-
-    frames: list[FrameTruth] = []
-    cameras: dict[str, Camera] = {}
-    for tel_i, tel in enumerate(telescopes):
-        tmodel = replace(base, telescope=tel, filter=filt[tel])
-        camera = make_camera(tmodel, _camera_seed(seed, tel))
-        cameras[tel] = camera
-        mag_col = f"mag_{filt[tel]}" if f"mag_{filt[tel]}" in catalog.colnames else "mag"
-        stars = {"ra": np.asarray(catalog["ra"], float), "dec": np.asarray(catalog["dec"], float),
-                 "mag": np.asarray(catalog[mag_col], float)}
-        tel_code = zlib.crc32(tel.encode()) % 100000
-        for night_i, (name, nd) in enumerate(zip(night_names, night_dates)):
-            folder = outdir / name
-            nidx = night_index[name]
-
-            def rng_for(kind: str, i: int) -> np.random.Generator:
-                return np.random.default_rng([seed, tel_code, nidx, _KIND_CODE[kind], i])
-
-            def emit(data: np.ndarray, truth: FrameTruth, kind: str, fname: str, when: datetime,
-                     sequence: str = "nightly", ra: float | None = None, dec: float | None = None,
-                     object_name: str | None = None, airmass: float | None = None, wcs=None) -> None:
-                if ra is None:
-                    ra, dec = zenith_radec(when, SITE["lat"], SITE["lon"])
-                trng = np.random.default_rng([seed, tel_code, nidx, 77, len(frames)])
-                header = fits_header(tmodel, kind, when, truth.exptime, object_name=object_name or kind,
-                                     ra=ra, dec=dec, ccd_temp=tmodel.ccd_temp_c + float(trng.normal(0, 0.05)),
-                                     airmass=airmass, wcs=wcs, imagetyp_style=imagetyp_style)
-                path = write_fits(folder / fname, data, header)
-                truth.path, truth.night, truth.header = path, name, header
-                truth.checksum = frame_checksum(data)
-                truth.date_obs, truth.mjd_obs = header["DATE-OBS"], float(header["MJD-OBS"])
-                truth.sequence, truth.object_name = sequence, header["OBJECT"]
-                truth.night_index = nidx
-                if not keep:
-                    truth.drop_maps()
-                    truth.stars = None
-                frames.append(truth)
-
-            # Small per-frame time jitter gives realistic non-round timestamps.
-            jit = np.random.default_rng([seed, tel_code, nidx, 0])
-            t = _local_to_utc(nd, 18 + 40 / 60) + timedelta(seconds=float(jit.uniform(0, 30)))
-            for i in range(n_bias):
-                data, truth = camera.bias(rng_for("bias", i))
-                emit(data, truth, "bias", f"{tel}_bias_{i + 1:04d}.fits", t)
-                t += timedelta(seconds=3.0 + float(jit.uniform(0, 0.5)))
-            # Twilight flats: levels scatter around flat_level as the sky fades.
-            t = max(t, _local_to_utc(nd, 18.75)) + timedelta(seconds=float(jit.uniform(0, 20)))
-            levels = list(flat_level * np.clip(np.exp(jit.normal(0.0, 0.1, n_flat)), 0.7, 1.4))
-            levels += [2500.0 if k % 2 == 0 else 55000.0 for k in range(n_bad_flats)]
-            for i, level in enumerate(levels):
-                fexp = round(float(jit.uniform(1.0, 6.0)), 3)
-                data, truth = camera.flat(level, nidx, rng_for("flat", i), exptime=fexp, masks=keep)
-                emit(data, truth, "flat", f"{tel}_flat_{i + 1:04d}.fits", t)
-                t += timedelta(seconds=fexp + 6.0 + float(jit.uniform(0, 1)))
-            # Science through the night.
-            t = max(t, _local_to_utc(nd, 19.5)) + timedelta(seconds=float(jit.uniform(0, 10)))
-            for i in range(n_science):
-                frng = rng_for("science", i)
-                cosd = np.cos(np.deg2rad(field_center[1]))
-                ra = field_center[0] + frng.normal(0.0, pointing_jitter_arcsec) / 3600.0 / max(cosd, 1e-3)
-                dec = field_center[1] + frng.normal(0.0, pointing_jitter_arcsec) / 3600.0
-                seeing = tmodel.seeing_arcsec * float(np.exp(frng.normal(0.0, seeing_scatter)))
-                transp = float(np.clip(1.0 - abs(frng.normal(0.0, transparency_scatter)), 0.3, 1.0))
-                sky = tmodel.sky_brightness + float(frng.normal(0.0, 0.1))
-                _, airmass = airmass_at(ra, dec, t, SITE["lat"], SITE["lon"])
-                n_tracks = int(frng.random() < track_probability) + int(frng.random() < track_probability * 0.1)
-                data, truth = camera.science(exptime, ra, dec, stars, frng, night_index=nidx, tracks=n_tracks,
-                                             cosmic_rays=cosmic_rays, seeing_arcsec=seeing, transparency=transp,
-                                             airmass=max(airmass, 1.0), sky_mag=sky, masks=keep)
-                truth.header_pointing = (float(field_center[0]), float(field_center[1]))
-                emit(data, truth, "science", f"{tel}_sci_{i + 1:04d}.fits", t, ra=field_center[0],
-                     dec=field_center[1], object_name=field, airmass=max(airmass, 1.0),
-                     wcs=truth.wcs if write_wcs else None)
-                t += timedelta(seconds=exptime + overhead + float(jit.uniform(0, 2)))
-            # Darks with the dust cap on, then the PS bias sequence.
-            t += timedelta(minutes=10)
-            for i in range(n_dark):
-                data, truth = camera.dark(dark_exptime, rng_for("dark", i), cosmic_rays=cosmic_rays, masks=keep)
-                emit(data, truth, "dark", f"{tel}_dark_{i + 1:04d}.fits", t)
-                t += timedelta(seconds=dark_exptime + 5.0 + float(jit.uniform(0, 1)))
-            if name == ps_name:
-                t += timedelta(minutes=5)
-                for i in range(n_ps_bias):
-                    data, truth = camera.bias(rng_for("ps", i))
-                    emit(data, truth, "bias", f"{tel}_psbias_{i + 1:04d}.fits", t, sequence="ps")
-                    t += timedelta(seconds=12.0 + float(jit.uniform(0, 0.5)))
-        if write_truth_maps:
-            _write_truth_maps(camera, outdir / "truth")
-        if base.npix > _SMALL_NPIX:
-            camera.clear_cache()  # bounded memory: maps are rebuilt identically on demand
-    frames.sort(key=lambda f: (f.mjd_obs or 0.0, f.telescope))
-    frames_csv = _write_frames_csv(outdir / "truth_frames.csv", frames, outdir)
-    return SurveyTruth(outdir=outdir, frames=frames, nights=night_names, night_indices=night_index,
-                       telescopes=telescopes, filters={t: filt[t] for t in telescopes}, cameras=cameras,
-                       field_name=field, field_center=(float(field_center[0]), float(field_center[1])),
-                       catalog=catalog, refcat_path=refcat_path, frames_csv=frames_csv, ps_night=ps_name,
-                       seed=int(seed))
+    catalog = _survey_catalog(catalog, base, field_center, pointing_jitter_arcsec, star_density, mag_range,
+                              tuple(dict.fromkeys(filt[t] for t in telescopes)), seed)
+    return _Survey(
+        outdir=outdir, seed=seed, night_dates=night_dates, telescopes=telescopes, filters=filt, base=base,
+        catalog=catalog, keep_maps=keep_maps, imagetyp_style=imagetyp_style, write_truth_maps=write_truth_maps,
+        ps_bias_night=ps_bias_night, n_ps_bias=n_ps_bias, n_bias=n_bias, n_flat=n_flat, flat_level=flat_level,
+        n_bad_flats=n_bad_flats, n_science=n_science, exptime=exptime, overhead=overhead, field_name=field,
+        field_center=field_center, pointing_jitter_arcsec=pointing_jitter_arcsec, seeing_scatter=seeing_scatter,
+        transparency_scatter=transparency_scatter, track_probability=track_probability, cosmic_rays=cosmic_rays,
+        write_wcs=write_wcs, n_dark=n_dark, dark_exptime=dark_exptime,
+    ).write()
 
 
 # --------------------------------------------------------------------------- lab set
@@ -504,25 +602,87 @@ def _thin(values: Sequence[float], scale: float, min_n: int) -> list[float]:
     return [values[i] for i in picks]
 
 
+@dataclass
+class _Lab:
+    """One :func:`write_lab_set` call: the camera, the clock and every frame written so far.
+
+    Frames draw from their own generators; only the timestamps share ``jit``, so the
+    sequences must run in the order of :func:`write_lab_set` (Table 2's order).
+    """
+
+    outdir: Path
+    tmodel: CameraModel
+    camera: Camera
+    keep: bool
+    imagetyp_style: str
+    seed: int
+    cosmic_rays: bool | float
+    t: datetime
+    frames: list[FrameTruth] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tel = self.tmodel.telescope
+        self.jit = np.random.default_rng([self.seed, 4242])
+
+    def emit(self, data: np.ndarray, truth: FrameTruth, kind: str, fname: str, sequence: str) -> None:
+        """Write one frame at the current time and record its truth."""
+        header = fits_header(self.tmodel, kind, self.t, truth.exptime, object_name=f"lab {kind}",
+                             imagetyp_style=self.imagetyp_style, observatory="NAOC detector lab")
+        path = write_fits(self.outdir / fname, data, header)
+        truth.path, truth.header, truth.sequence = path, header, sequence
+        truth.checksum = frame_checksum(data)
+        truth.date_obs, truth.mjd_obs = header["DATE-OBS"], float(header["MJD-OBS"])
+        truth.object_name = header["OBJECT"]
+        if not self.keep:
+            truth.drop_maps()
+        self.frames.append(truth)
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock on by ``seconds`` plus up to 0.3 s of jitter."""
+        self.t += timedelta(seconds=seconds + float(self.jit.uniform(0, 0.3)))
+
+    def biases(self, n: int) -> None:
+        for i in range(n):
+            data, truth = self.camera.bias(np.random.default_rng([self.seed, 1, i]))
+            self.emit(data, truth, "bias", f"{self.tel}_bias_{i + 1:04d}.fits", "lab")
+            self.advance(12.0)
+
+    def _flat(self, frng: np.random.Generator, rate_adu_per_s: float, texp: float) -> tuple[np.ndarray, FrameTruth]:
+        """A flat from the sphere (no vignetting, 0.05 % source stability)."""
+        level = rate_adu_per_s * texp * (1.0 + 0.0005 * frng.standard_normal())
+        # A tiny fixed non-uniformity of the sphere port; the camera sits 10 cm from it.
+        return self.camera.flat(level, 0, frng, exptime=texp, gradient=(0.003, -0.002), vignetting=False,
+                                cosmic_rays=self.cosmic_rays, masks=self.keep)
+
+    def ladder(self, exptimes: list[float], flats_per_level: int, rate_adu_per_s: float) -> None:
+        k = 0
+        for level_i, texp in enumerate(exptimes):
+            for rep in range(flats_per_level):
+                data, truth = self._flat(np.random.default_rng([self.seed, 2, level_i, rep]), rate_adu_per_s, texp)
+                k += 1
+                self.emit(data, truth, "flat", f"{self.tel}_flat_{k:04d}.fits", "lab-ladder")
+                self.advance(texp + 3.0)
+
+    def series(self, n: int, texp: float, rate_adu_per_s: float) -> None:
+        for i in range(n):
+            data, truth = self._flat(np.random.default_rng([self.seed, 3, i]), rate_adu_per_s, texp)
+            self.emit(data, truth, "flat", f"{self.tel}_flat2s_{i + 1:04d}.fits", "lab-series")
+            self.advance(texp + 3.0)
+
+    def darks(self, exptimes: list[float]) -> None:
+        for i, texp in enumerate(exptimes):
+            data, truth = self.camera.dark(texp, np.random.default_rng([self.seed, 4, i]),
+                                           cosmic_rays=self.cosmic_rays, masks=self.keep)
+            self.emit(data, truth, "dark", f"{self.tel}_dark_{i + 1:04d}.fits", "lab")
+            self.advance(texp + 3.0)
+
+
 def write_lab_set(
-    outdir: str | os.PathLike,
-    shape: tuple[int, int] = (200, 300),
-    scale: float = 0.05,
-    seed: int = 0,
-    *,
-    model: CameraModel | None = None,
-    telescope: str = "MST3",
-    rate_adu_per_s: float = 12500.0,
-    flats_per_level: int = 2,
-    n_bias: int = 100,
-    n_series: int = 144,
-    series_exptime: float = 2.0,
-    min_bias: int = 10,
-    min_series: int = 8,
-    start: str = "2024-03-05T06:00:00",
-    cosmic_rays: bool | float = True,
-    imagetyp_style: str = "maxim",
-    keep_maps: bool | None = None,
+    outdir: str | os.PathLike, shape: tuple[int, int] = (200, 300), scale: float = 0.05, seed: int = 0, *,
+    model: CameraModel | None = None, telescope: str = "MST3", rate_adu_per_s: float = 12500.0,
+    flats_per_level: int = 2, n_bias: int = 100, n_series: int = 144, series_exptime: float = 2.0,
+    min_bias: int = 10, min_series: int = 8, start: str = "2024-03-05T06:00:00",
+    cosmic_rays: bool | float = True, imagetyp_style: str = "maxim", keep_maps: bool | None = None,
 ) -> LabTruth:
     """Write the detector lab exposure plan (camera paper Table 2), optionally thinned.
 
@@ -584,59 +744,18 @@ def write_lab_set(
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     base = model if model is not None else CameraModel()
-    filt = DEFAULT_FILTERS.get(telescope, base.filter)
-    tmodel = replace(base, shape=tuple(shape), telescope=telescope, filter=filt)
-    keep = tmodel.npix <= _SMALL_NPIX if keep_maps is None else bool(keep_maps)
-    camera = make_camera(tmodel, _camera_seed(seed, telescope))
+    tmodel = replace(base, shape=tuple(shape), telescope=telescope,
+                     filter=DEFAULT_FILTERS.get(telescope, base.filter))
+    lab = _Lab(outdir, tmodel, make_camera(tmodel, _camera_seed(seed, telescope)),
+               keep=tmodel.npix <= _SMALL_NPIX if keep_maps is None else bool(keep_maps),
+               imagetyp_style=imagetyp_style, seed=seed, cosmic_rays=cosmic_rays, t=datetime.fromisoformat(start))
     ladder = [t for row in LAB_FLAT_ROWS for t in _thin(row, scale, 1)]
     darks = [t for row in LAB_DARK_ROWS for t in _thin(row, scale, 1)]
-    nb = min(n_bias, max(min_bias, int(round(n_bias * scale))))
-    ns = min(n_series, max(min_series, int(round(n_series * scale))))
-    t = datetime.fromisoformat(start)
-    jit = np.random.default_rng([seed, 4242])
-    # A tiny fixed non-uniformity of the sphere port; the camera sits 10 cm from it.
-    gradient = (0.003, -0.002)
-    frames: list[FrameTruth] = []
-
-    def emit(data: np.ndarray, truth: FrameTruth, kind: str, fname: str, sequence: str) -> None:
-        nonlocal t
-        header = fits_header(tmodel, kind, t, truth.exptime, object_name=f"lab {kind}",
-                             imagetyp_style=imagetyp_style, observatory="NAOC detector lab")
-        path = write_fits(outdir / fname, data, header)
-        truth.path, truth.header, truth.sequence = path, header, sequence
-        truth.checksum = frame_checksum(data)
-        truth.date_obs, truth.mjd_obs = header["DATE-OBS"], float(header["MJD-OBS"])
-        truth.object_name = header["OBJECT"]
-        if not keep:
-            truth.drop_maps()
-        frames.append(truth)
-
-    for i in range(nb):
-        data, truth = camera.bias(np.random.default_rng([seed, 1, i]))
-        emit(data, truth, "bias", f"{telescope}_bias_{i + 1:04d}.fits", "lab")
-        t += timedelta(seconds=12.0 + float(jit.uniform(0, 0.3)))
-    k = 0
-    for level_i, texp in enumerate(ladder):
-        for rep in range(flats_per_level):
-            frng = np.random.default_rng([seed, 2, level_i, rep])
-            level = rate_adu_per_s * texp * (1.0 + 0.0005 * frng.standard_normal())
-            data, truth = camera.flat(level, 0, frng, exptime=texp, gradient=gradient, vignetting=False,
-                                      cosmic_rays=cosmic_rays, masks=keep)
-            k += 1
-            emit(data, truth, "flat", f"{telescope}_flat_{k:04d}.fits", "lab-ladder")
-            t += timedelta(seconds=texp + 3.0 + float(jit.uniform(0, 0.3)))
-    for i in range(ns):
-        frng = np.random.default_rng([seed, 3, i])
-        level = rate_adu_per_s * series_exptime * (1.0 + 0.0005 * frng.standard_normal())
-        data, truth = camera.flat(level, 0, frng, exptime=series_exptime, gradient=gradient, vignetting=False,
-                                  cosmic_rays=cosmic_rays, masks=keep)
-        emit(data, truth, "flat", f"{telescope}_flat2s_{i + 1:04d}.fits", "lab-series")
-        t += timedelta(seconds=series_exptime + 3.0 + float(jit.uniform(0, 0.3)))
-    for i, texp in enumerate(darks):
-        data, truth = camera.dark(texp, np.random.default_rng([seed, 4, i]), cosmic_rays=cosmic_rays, masks=keep)
-        emit(data, truth, "dark", f"{telescope}_dark_{i + 1:04d}.fits", "lab")
-        t += timedelta(seconds=texp + 3.0 + float(jit.uniform(0, 0.3)))
-    frames_csv = _write_frames_csv(outdir / "truth_frames.csv", frames, outdir)
-    return LabTruth(outdir=outdir, frames=frames, camera=camera, rate_adu_per_s=float(rate_adu_per_s),
+    lab.biases(min(n_bias, max(min_bias, int(round(n_bias * scale)))))
+    lab.ladder(ladder, flats_per_level, rate_adu_per_s)
+    lab.series(min(n_series, max(min_series, int(round(n_series * scale)))), series_exptime, rate_adu_per_s)
+    lab.darks(darks)
+    frames_csv = _write_frames_csv(outdir / "truth_frames.csv", lab.frames, outdir)
+    return LabTruth(outdir=outdir, frames=lab.frames, camera=lab.camera, rate_adu_per_s=float(rate_adu_per_s),
                     flat_exptimes=ladder, series_exptime=float(series_exptime), dark_exptimes=darks,
                     frames_csv=frames_csv)
