@@ -3,7 +3,7 @@
 ``connect(None)`` starts an embedded :class:`~distributed.LocalCluster` sized to the machine
 (one single-threaded worker per core, a memory limit per worker); ``connect("tls://host:8786")``
 joins a running scheduler; ``connect("cluster/NAME.yaml")`` starts or joins the cluster a
-configuration file describes. Only the runner and the command line call this module.
+configuration file describes. Only the jobs and the command line call this module.
 
 Configuration files (YAML, checked by :func:`load_cluster_file`; ``cluster/README.md``)::
 

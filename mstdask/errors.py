@@ -1,6 +1,6 @@
 """The small error hierarchy of mstdask.
 
-Library code raises these; only the command line and the runner catch them, so that one
+Library code raises these; only the command line and the jobs (:mod:`mstdask.jobs`) catch them, so that one
 bad frame is reported and skipped while the rest of a run goes on. Every message names
 the file or product concerned and says how to fix the problem.
 """

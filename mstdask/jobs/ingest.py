@@ -69,7 +69,7 @@ class IngestReport(JobReport):
         return "\n".join(lines)
 
 
-# Task wrappers: the runner converts our own errors into results so that one bad file is
+# Task wrappers: the job converts our own errors into results so that one bad file is
 # a line in the summary, not a failed computation (and not a traceback in the worker log).
 def _scan_task(path: str, site: SiteConfig, force: str | None):
     try:

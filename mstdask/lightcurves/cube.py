@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import __version__
 from . import _lc_kernels as K
-from ..config import LightcurveConfig, PrecisionConfig, to_dict
+from ..config import LightcurveConfig, to_dict
 from ..errors import BadInputError, ChunkingError, StoreError
 
 __all__ = ["CUBE_KIND", "CubeStore", "open_cube", "match_task", "write_task", "STAT_COLUMNS"]
@@ -75,7 +75,7 @@ def _quiet(func, *args, **kwargs):
 class CubeStore:
     """The Zarr group of a light-curve cube (create, grow, mark epochs written).
 
-    Only the driver (:mod:`mstdask.runner`) changes shapes and coordinates; tasks write
+    Only the driver (:mod:`mstdask.jobs.lightcurves`) changes shapes and coordinates; tasks write
     data regions with :func:`write_task`.
     """
 

@@ -4,7 +4,7 @@ Reduced frames are resampled through their full astrometric solution (the TPV he
 ``mstdask photometry``, distortion included) onto one TAN grid and combined with weights;
 masked pixels never contribute. Everything here is lazy: :func:`coadd` returns an
 :class:`xarray.Dataset` of dask arrays (``image``, ``weight``, ``count``) chunked in output
-tiles; :mod:`mstdask.runner` computes it.
+tiles; :mod:`mstdask.jobs.coadd` computes it.
 
 Graph: one task per (output tile, overlapping input frame) resamples the frame's pixels
 under that tile (it reads only the input region it needs from the reduced store); for the
@@ -484,7 +484,7 @@ def fits_header(attrs: dict[str, Any], extra: dict[str, Any] | None = None):
 def write_fits(zarr_path: str, fits_path: str, header, rows: int = 512) -> None:
     """Write a coadd Zarr store (``image``, ``weight``, ``count``, ``flags``) as a FITS file with
     four HDUs (SCI primary, WHT, CNT, FLG), streamed in strips of ``rows`` rows so memory stays bounded
-    whatever the coadd size. Not atomic by itself (the runner writes to a temporary name)."""
+    whatever the coadd size. Not atomic by itself (the coadd job writes to a temporary name)."""
     import os
 
     import zarr

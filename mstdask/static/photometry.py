@@ -6,7 +6,7 @@ returns the source table and the exposure record; :func:`photometry_task` is the
 of ``mstdask photometry`` (one per exposure): it reads its frame from the reduced store,
 calls :func:`measure_exposure` and writes ``CATDIR/sources/NIGHT/EXPOSURE.parquet``
 atomically, so a rerun skips what is done. Nothing here submits or computes on a cluster
-(:mod:`mstdask.runner` does).
+(:mod:`mstdask.jobs.photometry` does).
 
 Source table columns (one row per detection; magnitudes are calibrated AB-like magnitudes
 in the reference catalogue's system)::
@@ -454,7 +454,7 @@ def photometry_task(reduced_store: str, index: int, out_file: str, refcat_path: 
 
     Returns the exposure record. A flagged exposure (no stars, no astrometric match, too few
     calibration stars, ...) returns ``status="flagged"`` with the reason and writes no file;
-    other errors propagate to the runner, which reports them.
+    other errors propagate to the job, which reports them.
     """
     import zarr
 

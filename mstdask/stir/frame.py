@@ -9,7 +9,7 @@ Two ways in:
 * per frame, for bulk runs: :func:`process_frame` runs the whole step on one raw frame
   inside one task and writes its own slot of a reduced store (and optionally a FITS
   file), so a failing frame costs only itself and a rerun does only what is missing.
-  The runner (``mstdask reduce``) schedules these tasks.
+  The job ``mstdask reduce`` (:mod:`mstdask.jobs.reduce`) schedules these tasks.
 
 Calibration products are found in a ``CALDIR`` written by ``mstdask calibrate`` through its
 ``manifest.json`` (:func:`find_calibrations`).
