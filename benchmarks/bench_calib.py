@@ -17,7 +17,7 @@ measurements, each beside a peer measured in the same run on the same frames:
    the full frame by pixel count (a full in-memory stack would need 12 GB as uint16, 49 GB as
    float64). The PS map is checked against the simulator's truth map and the std against
    NumPy's on the cut-out.
-3. **The whole night end to end**: ``mstdask.runner.ingest`` + ``mstdask.runner.calibrate``
+3. **The whole night end to end**: ``mstdask.jobs.ingest`` + ``mstdask.jobs.calibrate``
    from the FITS folder (simulation excluded, reported separately), peak RSS per worker and
    of the driver, the time between calibrate's successive ``client.compute`` calls (which
    product the time goes to) and the workers' compute time per task prefix.
@@ -124,7 +124,7 @@ def night(fits_dir: Path, store: Path, out: Path, workers: int) -> dict:
     from distributed import get_task_stream
     from distributed.utils import key_split
 
-    from mstdask.runner import calibrate, ingest
+    from mstdask.jobs import calibrate, ingest
 
     with cluster(workers) as (client, pids):
         calls: list[tuple[float, str]] = []

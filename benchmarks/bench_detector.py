@@ -17,7 +17,7 @@ written as FITS in batches, each batch ingested into a store and its FITS files 
    144 x 8 x NY x NX bytes).
 3. **Check**: the mstdask maps on the cut-out against the NumPy maps, and the medians
    against the simulator's truth.
-4. With ``--characterize``: the whole ``mstdask.runner.characterize`` on the store (all
+4. With ``--characterize``: the whole ``mstdask.jobs.characterize`` on the store (all
    measurements, FITS, figures), time and peak RSS.
 
 Usage (full size, 266 frames: ~20 GB of store and up to ~3 GB of FITS at a time; the work
@@ -56,7 +56,7 @@ def simulate_and_ingest(work: Path, shape: tuple[int, int], n_bias: int, n_flats
     Returns the cut-outs of the bias frames and of the flats at 2 s (uint16 stacks), the
     truth maps on the cut-out, and timings.
     """
-    from mstdask.runner import ingest
+    from mstdask.jobs import ingest
     from mstdask.testing import CameraModel, fits_header, make_camera, write_fits
 
     cam = make_camera(CameraModel(shape=shape, telescope="MST3", filter="r"), seed=seed)
@@ -148,7 +148,7 @@ def maps_numpy(flat_cut: np.ndarray, bias_cut: np.ndarray):
 
 # ----------------------------------------------------------------------------- 4. characterize
 def characterize_all(store: Path, out: Path, workers: int) -> dict:
-    from mstdask.runner import characterize
+    from mstdask.jobs import characterize
 
     with cluster(workers) as (client, pids):
         with sampled(pids, driver=True) as peak:

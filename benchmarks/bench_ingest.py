@@ -5,7 +5,7 @@ Measures, in one run on the same files:
 * ``cp``: copying the FITS files (the floor for any file-to-file step);
 * ``astropy``: reading every file with ``astropy.io.fits.getdata`` (plain, serial) and the
   same read spread over the same number of processes as the Dask workers;
-* ``mstdask``: ``mstdask.runner.ingest`` on a LocalCluster (N workers x 1 thread), time from
+* ``mstdask``: ``mstdask.jobs.ingest`` on a LocalCluster (N workers x 1 thread), time from
   submission to the store being complete and synced to disk (cluster start-up excluded), and
   the peak resident memory of each worker process, sampled every 50 ms.
 
@@ -95,7 +95,7 @@ def time_mstdask(paths: list[Path], store: Path, workers: int, compressor: str) 
     from distributed import Client, LocalCluster
 
     from mstdask.config import IngestConfig, StoreLayout
-    from mstdask.runner import ingest
+    from mstdask.jobs import ingest
 
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit="4GiB",
                       dashboard_address=":0", silence_logs=logging.ERROR) as cluster, Client(cluster) as client:

@@ -11,7 +11,7 @@ throughput of building a cube from Parquet catalogues.
     * ``library``: :func:`mstdask.lightcurves.source_statistics` (std, 1.4826 MAD, chi2/dof,
       stacked scatter for N = 1, 4, ... 100) then :func:`precision_table` and
       :func:`stacking_table` (the binned Fig. 12 / Fig. 14 curves);
-    * ``command``: :func:`mstdask.runner.precision` (the same, plus ``variability.parquet``
+    * ``command``: :func:`mstdask.jobs.precision` (the same, plus ``variability.parquet``
       for every source, the light curves and the three figures).
 
     Wall time and the peak RSS of each worker are measured. The peer is NumPy: the same
@@ -21,7 +21,7 @@ throughput of building a cube from Parquet catalogues.
 
 (b) Cross-match. ``--xm-sources`` stars x ``--xm-epochs`` exposures of synthetic
     catalogues (CATDIR layout, 90 % of the stars in the reference catalogue), built into a
-    cube by :func:`mstdask.runner.lightcurves` on the same cluster; rows per second of
+    cube by :func:`mstdask.jobs.lightcurves` on the same cluster; rows per second of
     detections. Peer: astropy ``match_coordinates_sky`` of every exposure against the
     master list in one process (matching only, no cube written).
 
@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--xm-epoch-chunk", type=int, default=16,
                    help="epochs per chunk (and per write task) of the cross-match cube")
     p.add_argument("--skip-write", action="store_true", help="reuse the cube in --workdir")
-    p.add_argument("--skip-command", action="store_true", help="do not time runner.precision")
+    p.add_argument("--skip-command", action="store_true", help="do not time mstdask.jobs.precision")
     p.add_argument("--skip-xmatch", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the cube")
     args = p.parse_args()
@@ -87,7 +87,7 @@ def main() -> None:
     from mstdask import __version__
     from mstdask.config import LightcurveConfig, PrecisionConfig
     from mstdask.lightcurves import open_cube, precision_table, source_statistics, stacking_table
-    from mstdask.runner import lightcurves, precision
+    from mstdask.jobs import lightcurves, precision
     from mstdask.testing import simulate_cube, write_catalogs
 
     work = Path(args.workdir)

@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from mstdask.stir import calib
-    from mstdask.runner import ingest
+    from mstdask.jobs import ingest
     from mstdask.store import open_store
     from mstdask.testing import write_survey
 

@@ -57,7 +57,7 @@ def one_run(store: Path, out: Path, workers: int, reports: Path, tag: str) -> di
     """calibrate + reduce of ``store`` on a fresh cluster of ``workers`` workers."""
     from distributed import performance_report
 
-    from mstdask.runner import calibrate, reduce
+    from mstdask.jobs import calibrate, reduce
 
     with cluster(workers) as (client, pids), sampled(pids, driver=True) as peak:
         with performance_report(filename=str(reports / f"{tag}_calibrate.html")):
@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true",
                     help="keep the ingested stores (a later run with the same --workdir reuses them)")
     args = ap.parse_args()
-    from mstdask.runner import ingest
+    from mstdask.jobs import ingest
 
     global SHAPE
     if args.shape:

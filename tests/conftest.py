@@ -58,7 +58,7 @@ def static_night(client, tmp_path_factory):
     ``root/cal``, ``root/red/reduced.zarr`` and the catalogue folder ``root/cat``. Shared by
     the photometry, coadd and light-curve tests (treat it as read-only)."""
     from mstdask.cli import main
-    from mstdask.runner import calibrate, ingest, reduce
+    from mstdask.jobs import calibrate, ingest, reduce
     from mstdask.testing import write_survey
 
     root = tmp_path_factory.mktemp("static")

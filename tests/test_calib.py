@@ -138,7 +138,7 @@ def test_store_frames_read_per_task_give_identical_calibrations(client, tmp_path
     bias, PS map, bad pixels, flat levels and small-scale flat; the lazy reads return the
     stored pixels for any selection."""
     from mstdask.config import IngestConfig, StoreLayout
-    from mstdask.runner import ingest
+    from mstdask.jobs import ingest
     from mstdask.store import open_store, rechunk_for_stack
     from mstdask.testing import write_survey
 

@@ -286,7 +286,7 @@ def _write_lab(folder, cam, flats, n_bias=12, darks=(1.0, 10.0, 60.0, 120.0), se
 
 
 def test_characterize_reports_what_cannot_be_made(tmp_path, client):
-    from mstdask.runner import characterize, ingest
+    from mstdask.jobs import characterize, ingest
 
     cam = make_camera(CameraModel(shape=(64, 96), telescope="MST1"), seed=2)
     ladder = [(t, 12500 * t) for t in (0.2, 0.6, 1.0, 1.4, 1.8, 2.2, 2.6, 3.0)]

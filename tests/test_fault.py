@@ -34,7 +34,7 @@ from astropy.io import fits
 
 from mstdask.cli import main
 from mstdask.errors import StoreError
-from mstdask.runner import (calibrate, characterize, ingest, plan_calibrate, plan_ingest, plan_reduce, plan_run,
+from mstdask.jobs import (calibrate, characterize, ingest, plan_calibrate, plan_ingest, plan_reduce, plan_run,
                             reduce, run_pipeline)
 from mstdask.store import open_reduced, open_store
 from mstdask.testing import write_survey

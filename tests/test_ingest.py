@@ -21,7 +21,7 @@ from astropy.io import fits
 import mstdask
 from mstdask.config import IngestConfig, SiteConfig, StoreLayout
 from mstdask.io import normalise_imagetyp, observing_night, scan_frame
-from mstdask.runner import ingest
+from mstdask.jobs import ingest
 from mstdask.store import RawStore, open_store, tile_edge
 
 from conftest import SHEFFIELD, need_shared, write_frame

@@ -17,7 +17,7 @@ from scipy.spatial import cKDTree
 from mstdask.lightcurves import _lc_kernels as K
 from mstdask.config import LightcurveConfig, PrecisionConfig
 from mstdask.lightcurves import CubeStore, open_cube, precision_table, source_statistics, stacking_table
-from mstdask.runner import lightcurves, precision
+from mstdask.jobs import lightcurves, precision
 from mstdask.testing import zero_point_e
 from mstdask.testing import write_catalogs
 

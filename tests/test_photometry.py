@@ -344,7 +344,7 @@ def test_cli_photometry_resumes(night, client):
     before = {p: p.stat().st_mtime_ns for p in (root / "cat" / "sources").rglob("*.parquet")}
     victim = sorted(before)[0]
     victim.unlink()
-    from mstdask.runner import photometry
+    from mstdask.jobs import photometry
 
     rep = photometry(root / "red" / "reduced.zarr", truth.refcat_path, root / "cat", client, progress=False)
     assert rep.ok and rep.already == 3 and len(rep.measured) == 1

@@ -17,7 +17,7 @@ from mstdask.cli import main
 from mstdask.config import StirConfig
 from mstdask.errors import InsufficientDataError, StoreError
 from mstdask.masks import Flag
-from mstdask.runner import calibrate, ingest, reduce
+from mstdask.jobs import calibrate, ingest, reduce
 from mstdask.store import ReducedStore, open_reduced, open_store
 from mstdask.testing import write_survey
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from mstdask.config import IngestConfig, SiteConfig
-from mstdask.runner import ingest
+from mstdask.jobs import ingest
 from mstdask.store import describe, open_store
 from mstdask.testing import frame_checksum, write_survey
 
@@ -49,7 +49,7 @@ def test_calibrate_identical_for_one_and_two_workers(tmp_path):
     from astropy.io import fits
     from distributed import Client, LocalCluster
 
-    from mstdask.runner import calibrate
+    from mstdask.jobs import calibrate
 
     write_survey(tmp_path / "raw", nights=2, shape=(60, 90), n_bias=4, n_flat=4, n_dark=3, n_science=1,
                  n_ps_bias=30, seed=5)
