@@ -10,6 +10,7 @@ import glob
 import hashlib
 import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -88,6 +89,9 @@ def parse_date_obs(header: fits.Header) -> datetime:
     if raw is None or not str(raw).strip():
         raise ValueError("missing DATE-OBS")
     text = str(raw).strip().rstrip("Z")
+    if re.fullmatch(r"\d{4}-\d\d-\d\d \d\d?:\d\d(:\d\d(\.\d*)?)?", text):
+        # '2023-01-18 13:34:00': a date and time with a space (some camera drivers write it so)
+        text = text.replace(" ", "T", 1)
     if "T" not in text:
         # Old style: DATE-OBS='2012-02-19' or '19/02/12' with the time in TIME-OBS or UT.
         t = header.get("TIME-OBS", header.get("UT", header.get("UTSTART")))
@@ -95,10 +99,15 @@ def parse_date_obs(header: fits.Header) -> datetime:
             d, m, y = text.split("/")
             text = f"{1900 + int(y) if int(y) > 50 else 2000 + int(y)}-{m}-{d}"
         text = f"{text}T{str(t).strip()}" if t else f"{text}T00:00:00"
+    else:
+        t = None
     try:
         dt = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise ValueError(f"DATE-OBS={raw!r} is not an ISO date ({exc})") from None
+    except ValueError:
+        # say what the header holds, not the string built from it
+        with_time = f" with TIME-OBS/UT={str(t).strip()!r}" if t else ""
+        raise ValueError(f"DATE-OBS={raw!r}{with_time} is not an ISO date and time "
+                         "(YYYY-MM-DDThh:mm:ss)") from None
     if dt.tzinfo is not None:
         dt = dt.astimezone(timezone.utc).replace(tzinfo=None)
     return dt
@@ -256,9 +265,22 @@ def discover(inputs: Iterable[str | os.PathLike]) -> tuple[list[str], list[tuple
             if not hits:
                 missing.append((text, "pattern matched no file"))
             found.update(str(Path(p).resolve()) for p in hits)
+        elif path.exists():
+            missing.append((text, f"not a regular file ({_kind_of(path)}): FITS frames are read from files; "
+                                  "copy the data into a .fits file"))
         else:
             missing.append((text, "no such file or folder"))
     return sorted(found), missing
+
+
+def _kind_of(path: Path) -> str:
+    """What a path that is neither a file nor a folder is, in words."""
+    mode = path.stat().st_mode
+    for test, kind in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a file or folder"
 
 
 def _frame_key(telescope: str, instrument: str, time: datetime, imagetyp: str,

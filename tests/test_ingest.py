@@ -48,6 +48,35 @@ def test_observing_night_xinglong_and_override():
     assert observing_night(datetime(2023, 1, 19, 5, 0), SiteConfig(name="UT", utc_offset_hours=0)) == "2023-01-18"
 
 
+def test_date_obs_spellings_and_what_the_message_shows(tmp_path):
+    from mstdask.errors import BadInputError
+
+    data = np.zeros((8, 12), np.uint16)
+    site = SiteConfig()
+    for written, utc in (("2023-01-18 13:34:00", datetime(2023, 1, 18, 13, 34)),  # a space, as some drivers write
+                         ("2023-01-18T13:34:00.250Z", datetime(2023, 1, 18, 13, 34, 0, 250000)),
+                         ("2023-01-18", datetime(2023, 1, 18, 13, 34, 5))):    # date only, time in TIME-OBS
+        f = write_frame(tmp_path / "d.fits", data, **{"DATE-OBS": written, "TIME-OBS": "13:34:05"})
+        assert scan_frame(str(f), site).time == utc, written
+    f = write_frame(tmp_path / "bad.fits", data, **{"DATE-OBS": "2023-01-18 25:34:00"})
+    with pytest.raises(BadInputError) as err:
+        scan_frame(str(f), site)
+    message = str(err.value)
+    assert "DATE-OBS='2023-01-18 25:34:00'" in message and "T00:00:00" not in message and str(f) in message
+
+
+def test_a_named_pipe_is_not_called_missing(tmp_path):
+    from mstdask.io import discover
+
+    fifo = tmp_path / "frames.fits"
+    os.mkfifo(fifo)
+    files, missing = discover([fifo, tmp_path / "nowhere.fits"])
+    assert files == []
+    assert dict(missing) == {str(fifo): "not a regular file (a named pipe): FITS frames are read from files; "
+                                        "copy the data into a .fits file",
+                             str(tmp_path / "nowhere.fits"): "no such file or folder"}
+
+
 def test_tile_edges_divide_mst_frames():
     assert tile_edge(6388, 1536) == 1597 and 6388 % 1597 == 0
     assert tile_edge(9576, 1536) == 1596 and 9576 % 1596 == 0
