@@ -1,9 +1,12 @@
 """The ``mstdask`` command line.
 
-Exit status: 0 everything done; 1 the job finished but some inputs were rejected (see the
-summary); 2 the job could not run (bad option, unreachable scheduler, unusable store, an
-output that cannot be written: a read-only folder, a full disk); 130 interrupted. Every
-command that writes is resumable: run it again to finish. ``--dry-run`` prints the plan.
+Exit status (the same rule for every command): 0 only when everything asked was made; 1
+when some inputs, frames or exposures were rejected, skipped or flagged (each listed with
+its reason in the summary); 2 the command could not run (bad option, unreachable scheduler,
+unusable store, a reference catalogue without the columns it needs, an output that cannot
+be written: a read-only folder, a full disk), found up front where it can be; 130
+interrupted. Every command that writes is resumable: run it again to finish. ``--dry-run``
+prints the plan and exits with the status the run would have as far as the headers tell.
 """
 
 from __future__ import annotations
@@ -234,7 +237,10 @@ def _print_info(store: str, as_json: bool) -> None:
     print(f"{info['store']}")
     print(f"  frames: {info['frames']} of {nx}x{ny} uint16 "
           f"({info['raw_bytes'] / 1e9:.2f} GB raw, {info['size_on_disk_bytes'] / 1e9:.2f} GB on disk)"
-          + (f"; {info['pending_slots']} unfinished slots (re-run the ingest)" if info["pending_slots"] else ""))
+          + (f"; {info['pending_slots']} unfinished slots (re-run the ingest)" if info["pending_slots"] else "")
+          + (f"; {info.get('rejected_slots', 0)} rejected (unreadable files)" if info.get("rejected_slots") else ""))
+    for r in info.get("rejected", []):
+        print(f"  REJECTED {r['path']}: {r['reason']}")
     if not info["frames"]:
         return
     print(f"  site: {info['site']}   telescopes: {', '.join(info['telescopes']) or '-'}   "
@@ -248,9 +254,11 @@ def _print_info(store: str, as_json: bool) -> None:
 
 
 def _preflight(args: argparse.Namespace) -> None:
-    """Errors a command would meet at its start (no input store, an output folder that cannot
-    be written), found before a cluster is started."""
+    """Errors a command would meet at its start (no input store, a reference catalogue
+    without the columns it needs, an output folder that cannot be written), found before a
+    cluster is started: exit status 2."""
     from .jobs import check_writable
+    from .static.refcat import check_refcat, parse_columns
     from .store import RawStore
 
     if args.command == "ingest":
@@ -268,9 +276,9 @@ def _preflight(args: argparse.Namespace) -> None:
     elif args.command == "photometry":
         from .store import ReducedStore
 
-        ReducedStore.open(args.reduced, mode="r")
-        if not Path(args.refcat).exists():
-            raise BadInputError(args.refcat, "reference catalogue not found; check --refcat")
+        red = ReducedStore.open(args.reduced, mode="r")
+        check_refcat(args.refcat, parse_columns(args.refcat_columns),
+                     {str(f) for f in red.coord("filter")[red.coord("reduced")]})
         check_writable(args.out, "the catalogues")
     elif args.command == "coadd":
         from .jobs.coadd import _coadd_inputs
@@ -290,8 +298,8 @@ def _preflight(args: argparse.Namespace) -> None:
         CubeStore.open(args.cube, mode="r")
         check_writable(args.out, "the precision products")
     elif args.command in ("run", "demo"):
-        if getattr(args, "refcat", None) and not Path(args.refcat).exists():
-            raise BadInputError(args.refcat, "reference catalogue not found; check --refcat")
+        if getattr(args, "refcat", None):  # the filters are not known yet: a magnitude for some filter
+            check_refcat(args.refcat, parse_columns(args.refcat_columns), None)
         check_writable(args.out, "the output folder")
 
 
@@ -301,8 +309,9 @@ def _dry_run(args: argparse.Namespace) -> int:
     from .config import CalibConfig
 
     if args.command == "coadd":
-        print(_coadd_plan(args))
-        return 0
+        text, skipped = _coadd_plan(args)
+        print(text)
+        return 1 if skipped else 0
     if args.command == "ingest":
         plan = jobs.plan_ingest(args.inputs, args.store, _ingest_config(args))
     elif args.command == "calibrate":
@@ -313,7 +322,7 @@ def _dry_run(args: argparse.Namespace) -> int:
     else:
         plan = jobs.plan_run(args.inputs, args.out, _ingest_config(args))
     print(plan.text())
-    return 0
+    return plan.exit_status  # the run's, as far as the headers tell: 1 when inputs would be rejected
 
 
 def _coadd_config(args: argparse.Namespace):
@@ -328,8 +337,9 @@ def _coadd_config(args: argparse.Namespace):
                        resampling=args.resampling, tile_px=args.tile)
 
 
-def _coadd_plan(args: argparse.Namespace) -> str:
-    """What ``coadd`` would stack (fields, exposures, N), without a cluster."""
+def _coadd_plan(args: argparse.Namespace) -> tuple[str, int]:
+    """What ``coadd`` would stack (fields, exposures, N), without a cluster, and how many
+    exposures it would skip."""
     from .jobs.coadd import CoaddReport, _coadd_frames, _coadd_inputs
 
     cfg = _coadd_config(args)
@@ -341,7 +351,9 @@ def _coadd_plan(args: argparse.Namespace) -> str:
         ns = sorted({1} | {n for n in cfg.n_stack if n <= len(frames)})  # N = 1: the baseline
         lines.append(f"  {tel} {filt} field {k}: {len(frames)} exposures -> stacks N = {', '.join(map(str, ns))}")
     lines += [f"  SKIPPED {e}: {why}" for e, why in rep.skipped]
-    return "\n".join(lines)
+    if rep.skipped:
+        lines.append(f"  {len(rep.skipped)} exposures would be skipped: the run would exit with status 1")
+    return "\n".join(lines), len(rep.skipped)
 
 
 def _calib_config(args: argparse.Namespace):
@@ -365,13 +377,19 @@ def _run(inputs: list, out, args: argparse.Namespace, config: IngestConfig, argv
     from .jobs import run_pipeline
 
     rcfg = parse_columns(refcat_columns) if refcat is not None else None
-    with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
+    log = _log_file(args)
+    with connect(args.cluster, _cluster_config(args), quiet=args.quiet, log_file=log) as client:
         report, manifest = run_pipeline(inputs, out, client, config, progress=not args.quiet,
                                         argv=["mstdask", *argv], refcat=refcat, refcat_config=rcfg)
     print(report.summary())
+    print(f"cluster logs: {log}")
     print(f"products: {len(manifest.products)} listed in {manifest.path}")
     print(json.dumps([{k: p[k] for k in ("kind", "path", "n_inputs")} for p in manifest.products]))
-    return 0 if report.ok else 1
+    if not report.ok:  # the lists are in the steps' summaries above
+        steps = (["ingest"] if report.rejected else []) + [s.headline().split()[0] for s in report.steps if not s.ok]
+        print(f"exit status 1: not everything was made; see the REJECTED/SKIPPED/FLAGGED/FAILED lines of "
+              f"{', '.join(steps)} above")
+    return report.exit_status
 
 
 # ----------------------------------------------------------------------------- commands
@@ -379,13 +397,26 @@ def _run(inputs: list, out, args: argparse.Namespace, config: IngestConfig, argv
 # its job on the cluster; ``argv`` is the command line recorded in the manifest.
 def _on_cluster(args: argparse.Namespace, job: Callable[[Any], Any]) -> int:
     """Run ``job(client)`` on the cluster the options ask for and print its summary; the
-    exit status is 0 when the job is ok, 1 when it rejected inputs."""
+    exit status is 0 when the job is ok, 1 when it rejected, skipped or flagged inputs,
+    frames or exposures (``JobReport._FAILS``)."""
     from .cluster import connect
 
-    with connect(args.cluster, _cluster_config(args), quiet=args.quiet) as client:
+    log = _log_file(args)
+    with connect(args.cluster, _cluster_config(args), quiet=args.quiet, log_file=log) as client:
         report = job(client)
     print(report.summary())
-    return 0 if report.ok else 1
+    print(f"cluster logs: {log}")
+    return report.exit_status
+
+
+def _log_file(args: argparse.Namespace) -> Path:
+    """Where the cluster's log records go (worker errors, heartbeats: not the terminal):
+    ``mstdask.log`` in the output folder, or beside the store or cube a command writes."""
+    if args.command == "ingest":
+        return Path(args.store).parent / "mstdask.log"
+    if args.command in ("reduce", "lightcurves"):  # --out is REDUCED.zarr / LC.zarr
+        return Path(args.out).parent / "mstdask.log"
+    return Path(args.out) / "mstdask.log"
 
 
 def _ingest(args: argparse.Namespace, argv: list[str]) -> int:

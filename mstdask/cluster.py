@@ -18,6 +18,12 @@ Configuration files (YAML, checked by :func:`load_cluster_file`; ``cluster/READM
 TLS file paths are relative to the configuration file (or absolute); :func:`make_certificates`
 (``mstdask certs DIR``) makes them: a CA, one certificate for the scheduler and the workers
 and one for clients.
+
+Logs: ``connect(..., log_file=PATH)`` sends the cluster's own log records (``distributed``,
+``tornado``, ``asyncio``, ``bokeh``: worker errors, heartbeat failures at shutdown, tasks never
+retrieved after Ctrl-C) to PATH instead of the terminal. The embedded cluster's worker processes
+send everything they print there too (:func:`dask_setup`, their preload), so a failing task
+reaches the user once, as the job's one line per frame, and in full in the log file.
 """
 
 from __future__ import annotations
@@ -28,13 +34,15 @@ import ipaddress
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .config import ClusterConfig
 from .errors import ConfigError
 
-__all__ = ["connect", "load_cluster_file", "default_memory_limit", "make_certificates", "CERTIFICATE_FILES"]
+__all__ = ["connect", "load_cluster_file", "default_memory_limit", "make_certificates", "CERTIFICATE_FILES",
+           "dask_setup"]
 
 # Allowed keys per kind: a typo ('adress', 'ca:') is an error, not a silently ignored line.
 _KEYS = {
@@ -57,6 +65,13 @@ CERTIFICATE_FILES = {
 # The scheduler dashboard of a cluster this process starts: localhost only (reach it over
 # `ssh -L 8787:localhost:8787`); `scheduler_options: {dashboard_address: ...}` overrides it.
 _DASHBOARD = "127.0.0.1:8787"
+
+# The cluster's own loggers: with a log file, their records go there, not to the terminal.
+_CLUSTER_LOGGERS = ("distributed", "tornado", "asyncio", "bokeh")
+# Which process wrote a line matters in a file that the driver and every worker append to.
+_LOG_FORMAT = "%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s"
+# Tells the embedded cluster's worker processes (their preload, :func:`dask_setup`) the log file.
+_WORKER_LOG_ENV = "MSTDASK_WORKER_LOG"
 
 
 def default_memory_limit(n_workers: int) -> int:
@@ -218,9 +233,170 @@ def _jobqueue_cluster(spec: dict[str, Any], base: Path, where: str):
                           "(see cluster/README.md)") from None
 
 
+class _LogFile(logging.Handler):
+    """Appends records to a file, dropping those it cannot write: on a full disk the log file is
+    the first casualty, and the terminal must not get a traceback per record instead.
+
+    Not a :class:`logging.StreamHandler`, so distributed's ``silence_logs`` (which lowers the
+    terminal handlers to errors only) leaves it alone.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self._stream: Any = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if self._stream is None:
+                self._stream = self.path.open("a", encoding="utf-8")
+            self._stream.write(self.format(record) + "\n")
+            self._stream.flush()
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        with self.lock or contextlib.nullcontext():
+            if self._stream is not None:
+                with contextlib.suppress(OSError):
+                    self._stream.close()
+                self._stream = None
+        super().close()
+
+
+def _is_terminal_handler(handler: logging.Handler) -> bool:
+    """Whether ``handler`` writes to a stream (the terminal) rather than a file."""
+    return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+
+
+@contextlib.contextmanager
+def _logs_to_file(path: Path | None) -> Iterator[None]:
+    """Within the block, records of this process's cluster loggers go to ``path``, not the terminal.
+
+    distributed gives several of its loggers their own stderr handler (and ``propagate=False``),
+    so every logger of the hierarchy is visited; the handlers are put back on exit.
+    """
+    if path is None:
+        yield
+        return
+    import distributed  # noqa: F401  (its import adds the stderr handlers replaced here)
+
+    handler = _LogFile(path)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    known = [lg for lg in list(logging.root.manager.loggerDict.values()) if isinstance(lg, logging.Logger)]
+    affected = {name: logging.getLogger(name) for name in _CLUSTER_LOGGERS}
+    affected.update({lg.name: lg for lg in known if lg.name.startswith(tuple(n + "." for n in _CLUSTER_LOGGERS))})
+    saved = [(lg, list(lg.handlers), lg.propagate) for lg in affected.values()]
+    for lg in affected.values():
+        for h in [h for h in lg.handlers if _is_terminal_handler(h)]:
+            lg.removeHandler(h)
+        if lg.name in _CLUSTER_LOGGERS:
+            lg.propagate = False
+        if not lg.propagate:  # a top of the hierarchy, or a logger distributed detached from it
+            lg.addHandler(handler)
+    # The file is appended to by every run: say where this one begins.
+    handler.handle(logging.LogRecord("mstdask", logging.INFO, __file__, 0, "---- %s ----",
+                                     (" ".join(sys.argv) or "python",), None))
+    try:
+        yield
+    finally:
+        for lg, handlers, propagate in saved:
+            lg.removeHandler(handler)
+            for h in handlers:
+                if h not in lg.handlers:
+                    lg.addHandler(h)
+            lg.propagate = propagate
+        handler.close()
+
+
+def _open_log_file(log_file: str | os.PathLike) -> Path:
+    """The absolute path of the log file, its folder made and the file openable for appending.
+
+    Raises
+    ------
+    ConfigError
+        The folder cannot be made or the file cannot be written.
+    """
+    path = Path(log_file).expanduser().absolute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write the Dask log file ({exc.strerror or exc}); "
+                          "choose an output folder you can write to") from None
+    return path
+
+
+def dask_setup(worker: Any) -> None:
+    """Preload of the embedded cluster's worker processes (``preload=["mstdask.cluster"]``).
+
+    The driver owns the workers: Ctrl-C reaches the whole process group, but only the driver
+    should act on it (it closes the cluster), so the workers ignore SIGINT rather than print a
+    traceback each. With a log file (``MSTDASK_WORKER_LOG``), everything the worker process
+    prints, log records, tracebacks and warnings alike, goes there instead of the terminal.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    path = os.environ.get(_WORKER_LOG_ENV)
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        return  # the terminal then, rather than a worker that cannot start
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    # File descriptors, not sys.stderr: distributed's handlers and C code hold the descriptor.
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # The handlers now write to the file: all records (the worker silenced them to errors while
+    # they went to the terminal), each with the process id.
+    formatter = logging.Formatter(_LOG_FORMAT)
+    for lg in [logging.root, *logging.root.manager.loggerDict.values()]:
+        for h in getattr(lg, "handlers", ()):
+            if _is_terminal_handler(h):
+                h.setFormatter(formatter)
+                h.setLevel(logging.NOTSET)
+
+
+def _local_cluster(config: ClusterConfig, log_file: Path | None):
+    """The embedded LocalCluster: one process per worker, preloaded with :func:`dask_setup`."""
+    import dask
+    from distributed import LocalCluster
+
+    n = config.resolved_workers()
+    options: dict[str, Any] = dict(
+        n_workers=n,
+        threads_per_worker=config.threads_per_worker,
+        memory_limit=config.memory_limit or default_memory_limit(n),
+        dashboard_address=config.dashboard_address,
+        processes=True,
+        preload=[*(dask.config.get("distributed.worker.preload", None) or []), __name__],
+        # Only errors on the terminal; a log file gets everything (this process's handler and,
+        # once :func:`dask_setup` has moved them there, the workers' are not silenced).
+        silence_logs=logging.ERROR,
+    )
+    if log_file is None:
+        return LocalCluster(**options)
+    options.update(env={_WORKER_LOG_ENV: str(log_file)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        cluster = LocalCluster(**options)
+    # distributed also speaks through warnings (a dashboard port in use): into the log file too.
+    for w in caught:
+        logging.getLogger("distributed.deploy").warning("%s: %s", w.category.__name__, w.message)
+    return cluster
+
+
 @contextlib.contextmanager
 def connect(cluster: str | None = None, config: ClusterConfig | None = None,
-            quiet: bool = False) -> Iterator["distributed.Client"]:  # noqa: F821
+            quiet: bool = False, log_file: str | os.PathLike | None = None) -> Iterator["distributed.Client"]:  # noqa: F821
     """Context manager yielding a connected :class:`distributed.Client`.
 
     Parameters
@@ -231,23 +407,40 @@ def connect(cluster: str | None = None, config: ClusterConfig | None = None,
     config : ClusterConfig, optional
         Sizing of the embedded cluster.
     quiet : bool
-        Do not print the dashboard link.
-    """
-    from distributed import Client, LocalCluster
+        Do not print the dashboard link and the log file.
+    log_file : path-like, optional
+        Append the cluster's log records here instead of printing them: those of this process
+        (the client and, for a cluster it starts, the scheduler) and, for the embedded
+        cluster, all that its worker processes print. Its folder is made if missing. Workers of
+        a remote or batch cluster keep their own logs.
 
-    config = config or ClusterConfig()
+    Raises
+    ------
+    ConfigError
+        The cluster cannot be reached or configured, or ``log_file`` cannot be written.
+    """
+    log_path = _open_log_file(log_file) if log_file is not None else None
+    with _logs_to_file(log_path):
+        with _connect(cluster, config or ClusterConfig(), log_path) as client:
+            if not quiet:
+                where = f"; cluster logs: {log_path}" if log_path is not None else ""
+                print(f"Dask dashboard: {client.dashboard_link}{where}", file=sys.stderr)
+            yield client
+
+
+@contextlib.contextmanager
+def _connect(cluster: str | None, config: ClusterConfig, log_file: Path | None) -> Iterator[Any]:
+    """:func:`connect` without the logging set-up: start or join the cluster, close what it started."""
+    from distributed import Client
+
     owned = None
     if cluster is None or cluster == "local":
-        n = config.resolved_workers()
-        owned = LocalCluster(
-            n_workers=n,
-            threads_per_worker=config.threads_per_worker,
-            memory_limit=config.memory_limit or default_memory_limit(n),
-            dashboard_address=config.dashboard_address,
-            processes=True,
-            silence_logs=logging.ERROR,
-        )
-        client = Client(owned)
+        owned = _local_cluster(config, log_file)
+        try:
+            client = Client(owned)
+        except BaseException:
+            owned.close()
+            raise
     elif cluster.endswith((".yaml", ".yml")):
         spec = load_cluster_file(cluster)
         base = Path(cluster).resolve().parent
@@ -255,7 +448,7 @@ def connect(cluster: str | None = None, config: ClusterConfig | None = None,
         if kind == "local":
             cfg = ClusterConfig(**{k: spec[k] for k in ("n_workers", "threads_per_worker", "memory_limit",
                                                           "dashboard_address") if k in spec})
-            with connect(None, cfg, quiet=quiet) as client:
+            with _connect(None, cfg, log_file) as client:
                 yield client
             return
         if kind == "address":
@@ -282,8 +475,6 @@ def connect(cluster: str | None = None, config: ClusterConfig | None = None,
             raise ConfigError(f"cannot reach the Dask scheduler at {cluster} ({exc}); "
                               "start it with `dask scheduler` or drop --cluster for a local one") from None
     try:
-        if not quiet:
-            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
         yield client
     finally:
         client.close()

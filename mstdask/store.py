@@ -13,23 +13,31 @@ Layout (Zarr v3, opens with ``xarray.open_zarr``)::
       filter, telescope, instrument, object, path, frame_key   (frame,) str
       ra, dec, egain, ccd_temp         (frame,) float64  (NaN where the header has none)
       ingested   (frame,) bool          pixels written and verified
+      rejected   (frame,) str           why the pixels could not be read ("" when they could)
 
 The driver (one process) owns every write except the pixels: it reserves frame slots and
 their coordinates, then tasks write each frame's shard independently, and the driver marks
-them ``ingested``. A slot whose pixels never arrived (killed run, unreadable file) stays
-``ingested=False`` and is finished by the next ingest of the same file; :func:`open_store`
-hides such slots.
+them ``ingested``. A slot whose pixels never arrived (killed run) stays ``ingested=False``
+and is finished by the next ingest of the same file; a slot whose file turned out unreadable
+(negative pixels, truncated) is marked ``rejected`` with the reason, and tried again only
+when that file is given again. :func:`open_store` hides both.
+
+Crash safety (a kill at any instant leaves a store the next run finishes): a store is built
+under a temporary name and renamed into place when complete; a reservation writes
+``frame_key`` last, slots without it do not count and the next reservation writes over them.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import socket
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import xarray as xr
@@ -65,6 +73,7 @@ COORDS: dict[str, tuple[str, object]] = {
     "path": ("str", ""),
     "frame_key": ("str", ""),
     "ingested": ("bool", False),
+    "rejected": ("str", ""),
 }
 _TIME_ATTRS = {"units": "nanoseconds since 1970-01-01", "calendar": "proleptic_gregorian",
                "long_name": "UTC start of exposure (DATE-OBS)"}
@@ -108,11 +117,76 @@ def _open_group(path: str | os.PathLike, mode: str, kind: str, what: str, how: s
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise StoreError(f"{path}: no Zarr store here; {how}")
+    if _half_made(path):
+        raise StoreError(f"{path}: the creation of this {what} store was interrupted (it holds no frames); {how} "
+                         "(that makes it anew)")
     group = _quiet(zarr.open_group, str(path), mode=mode, zarr_format=3, use_consolidated=False)
     if group.attrs.get("mstdask_store") != kind:
         raise StoreError(f"{path}: a Zarr store, but not an mstdask {what} store (no 'mstdask_store' "
                          f"attribute '{kind}')")
     return group
+
+
+#: Arrays every store of a kind has (``rejected`` is absent from raw stores made before it).
+_REQUIRED: dict[str, tuple[str, ...]] = {}
+
+
+def _half_made(path: Path) -> bool:
+    """Whether ``path`` holds the skeleton of a store whose creation was killed (by versions
+    that built it in place): a bare root group, or an mstdask store missing arrays. It holds
+    no frames, so it is made anew."""
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes") or {}
+    except (OSError, ValueError):
+        return False
+    kind = attrs.get("mstdask_store")
+    if kind is None:
+        return not attrs and {p.name for p in path.iterdir()} <= {"zarr.json", ".mstdask-ingest.lock"}
+    return kind in _REQUIRED and not all((path / name / "zarr.json").exists() for name in _REQUIRED[kind])
+
+
+def _alive(host: str, pid: int) -> bool:
+    """Whether process ``pid`` of ``host`` may still run (one of another host is assumed to)."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _build(path: Path, refusal: str, fill: Callable[[zarr.Group], None]) -> None:
+    """Create a store at ``path`` atomically: ``fill(group)`` builds its skeleton under a
+    temporary name beside it, then renamed into place. A kill at any instant leaves no store
+    or a complete one (and a temporary folder the next creation removes). Raises
+    :class:`StoreError` (``refusal``) when ``path`` holds something else."""
+    if path.exists() and any(path.iterdir()) and not ((path / "zarr.json").exists() and _half_made(path)):
+        raise StoreError(refusal)
+    prefix = f".{path.name}.creating-"
+    for old in path.parent.glob(prefix + "*"):  # left by killed creations
+        host, _, pid = old.name[len(prefix):].rpartition("-")
+        if not (pid.isdigit() and _alive(host, int(pid))):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = path.with_name(f"{prefix}{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create the store ({exc}); check the folder is writable") from None
+        fill(group)
+        _quiet(zarr.consolidate_metadata, str(tmp), zarr_format=3)
+        if path.exists() and any(path.iterdir()):
+            shutil.rmtree(path)  # a half-made skeleton (checked above)
+        os.rename(tmp, path)  # replaces an empty folder too
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (path / "zarr.json").exists():
+            raise
+        # another process made the store meanwhile: use that one
 
 
 def _create_coords(group: zarr.Group, spec: dict[str, tuple[str, object]]) -> None:
@@ -128,22 +202,75 @@ class _FrameStore:
 
     _pixels = "raw"  # the (frame, y, x) array that sets the number of frames
     _frame_arrays: tuple[str, ...] = ("raw",)  # (frame, y, x) arrays written by tasks, one shard per frame
+    _spec: dict[str, tuple[str, object]] = COORDS  # per-frame coordinates
 
     def __init__(self, path: str | os.PathLike, group: zarr.Group) -> None:
         self.path = str(path)
         self.group = group
+        self._n: int | None = None  # complete slots, read once (a reservation resets it)
 
     @property
     def frame_shape(self) -> tuple[int, int]:
         """``(ny, nx)`` of every frame in the store."""
         return tuple(self.group.attrs["frame_shape"])  # type: ignore[return-value]
 
+    @classmethod
+    def half_made(cls, path: str | os.PathLike) -> bool:
+        """Whether ``path`` holds a store whose creation was killed (``create`` makes it anew)."""
+        return Path(path, "zarr.json").exists() and _half_made(Path(path))
+
     def __len__(self) -> int:
-        return int(self.group[self._pixels].shape[0])
+        """The number of complete slots. A reservation writes ``frame_key`` last: slots of a
+        reservation cut short (a killed run) have no key, are not counted, and are written
+        over by the next reservation."""
+        if self._n is not None:
+            return self._n
+        n = min(int(self.group["frame_key"].shape[0]), int(self.group[self._pixels].shape[0]))
+        keyed = np.flatnonzero(np.asarray(self.group["frame_key"][:n]) != "") if n else []
+        self._n = int(keyed[-1]) + 1 if len(keyed) else 0
+        return self._n
 
     def coord(self, name: str) -> np.ndarray:
-        """One per-frame coordinate as a NumPy array (read directly, no Dask)."""
-        return np.asarray(self.group[name][...])
+        """One per-frame coordinate of the complete slots as a NumPy array (no Dask)."""
+        n = len(self)
+        if name not in self.group:  # ``rejected`` in a store made before it existed
+            dtype, fill = self._spec[name]
+            return np.full(n, fill, dtype=object if dtype == "str" else dtype)
+        return np.asarray(self.group[name][:n])
+
+    def _resize_all(self, n: int) -> None:
+        """Give every per-frame array ``n`` slots (creating coordinates a store made by an
+        older version lacks)."""
+        self._n = None
+        for name, (dtype, fill) in self._spec.items():
+            if name not in self.group:
+                _create_coords(self.group, {name: (dtype, fill)})
+        for name in (*self._frame_arrays, *(["header"] if "header" in self.group else []), *self._spec):
+            arr = self.group[name]
+            if arr.shape[0] != n:
+                arr.resize((n, *arr.shape[1:]))
+
+    def _write_slots(self, n0: int, values: dict[str, object]) -> None:
+        """Write the coordinates of new slots from ``n0``, ``frame_key`` last (that completes them)."""
+        self._n = None
+        for name in [*(k for k in values if k != "frame_key"), "frame_key"]:
+            dtype = self._spec[name][0] if name in self._spec else "str"
+            vals = np.asarray(values[name], dtype=object if dtype == "str" else dtype)
+            self.group[name][n0:n0 + len(vals)] = vals
+
+    def set_coords(self, index: int | Sequence[int], **values) -> None:
+        """Update per-frame coordinates of existing slots (driver side)."""
+        idx = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        if idx.size == 0:
+            return
+        n = len(self)
+        for name, vals in values.items():
+            if name not in self.group:
+                self._resize_all(n)
+            arr = self.group[name]
+            cur = np.asarray(arr[:n], dtype=object if arr.dtype.kind in "OUT" else arr.dtype)
+            cur[idx] = vals
+            arr[:n] = cur
 
     def consolidate(self) -> None:
         """Refresh consolidated metadata so ``xarray.open_zarr`` opens the store quickly."""
@@ -179,14 +306,17 @@ class RawStore(_FrameStore):
                site: SiteConfig) -> "RawStore":
         """Create an empty store for frames of ``shape = (ny, nx)``."""
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            raise StoreError(f"{path}: exists and is not an mstdask store; choose a new --store path")
         ty, tx = tile_edge(shape[0], layout.tile), tile_edge(shape[1], layout.tile)
+        _build(path, f"{path}: exists and is not an mstdask store; choose a new --store path",
+               lambda group: cls._skeleton(group, shape, (ty, tx), layout, site))
+        return cls.open(path, mode="r+")
+
+    @staticmethod
+    def _skeleton(group: zarr.Group, shape: tuple[int, int], tile: tuple[int, int], layout: StoreLayout,
+                  site: SiteConfig) -> None:
+        """The attributes and empty arrays of a new raw store."""
+        ty, tx = tile
         shard = (1, -(-shape[0] // ty) * ty, -(-shape[1] // tx) * tx)
-        try:
-            group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        except OSError as exc:
-            raise StoreError(f"{path}: cannot create the store ({exc}); check the folder is writable") from None
         group.attrs.update({
             "mstdask_store": STORE_KIND,
             "mstdask_store_version": STORE_VERSION,
@@ -208,9 +338,6 @@ class RawStore(_FrameStore):
         group.create_array("header", shape=(0,), dtype=str, chunks=(4096,), dimension_names=("frame",),
                            attributes={"long_name": "FITS header of the frame", "coordinates": coord_names})
         _create_coords(group, COORDS)
-        store = cls(path, group)
-        store.consolidate()
-        return store
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r+") -> "RawStore":
@@ -233,21 +360,27 @@ class RawStore(_FrameStore):
     def reserve(self, infos: Sequence[FrameInfo]) -> list[int]:
         """Append slots for new frames and write their coordinates (pixels come later).
 
+        Idempotent by frame key: a frame that has a slot already (reserved by a killed run,
+        say) keeps it. Slots of a reservation cut short are written over; called with no
+        frames, it only removes them.
+
         Returns the frame index given to each info, in the order given.
         """
-        if not infos:
-            return []
-        n0 = len(self)
-        n1 = n0 + len(infos)
         for info in infos:
             if info.shape != self.frame_shape:
                 raise BadInputError(info.path, f"frame is {info.shape[1]}x{info.shape[0]} pixels but the store "
                                                 f"holds {self.frame_shape[1]}x{self.frame_shape[0]} frames; "
                                                 "ingest it into a store of its own")
-        self.group["raw"].resize((n1, *self.frame_shape))
-        self.group["header"].resize((n1,))
-        self.group["header"][n0:n1] = np.array([i.header for i in infos], dtype=object)
+        n0 = len(self)
+        slot = {str(k): i for i, k in enumerate(self.coord("frame_key"))}
+        given, infos = infos, list({i.key: i for i in infos if i.key not in slot}.values())
+        slot.update({info.key: n0 + k for k, info in enumerate(infos)})
+        self._resize_all(n0 + len(infos))
+        if not infos:
+            self.consolidate()  # also when a killed run did not: tasks may open the store consolidated
+            return [slot[i.key] for i in given]
         values = {
+            "header": [i.header for i in infos],
             "time": np.array([np.datetime64(i.time, "ns") for i in infos]).astype("int64"),
             "night": [i.night for i in infos],
             "imagetyp": [i.imagetyp for i in infos],
@@ -263,33 +396,31 @@ class RawStore(_FrameStore):
             "path": [i.path for i in infos],
             "frame_key": [i.key for i in infos],
             "ingested": np.zeros(len(infos), dtype=bool),
+            "rejected": [""] * len(infos),
         }
-        for name, (dtype, _) in COORDS.items():
-            arr = self.group[name]
-            arr.resize((n1,))
-            arr[n0:n1] = np.array(values[name], dtype=object if dtype == "str" else dtype)
+        self._write_slots(n0, values)
         self.consolidate()
-        return list(range(n0, n1))
+        return [slot[i.key] for i in given]
 
     def mark_ingested(self, indices: Iterable[int]) -> None:
-        """Record that these frames' pixels are written."""
+        """Record that these frames' pixels are written (and so no longer rejected)."""
         idx = np.fromiter(indices, dtype=np.int64)
         if idx.size == 0:
             return
-        arr = self.group["ingested"]
-        flags = np.asarray(arr[...])
-        flags[idx] = True
-        arr[...] = flags
+        self.set_coords(idx, ingested=True)
+        if "rejected" in self.group and (self.coord("rejected")[idx] != "").any():
+            self.set_coords(idx, rejected="")
+
+    def mark_rejected(self, reasons: dict[int, str]) -> None:
+        """Record why these slots' pixels could not be read: they are not work left for a
+        rerun (only an ingest given the same exposure again tries it again)."""
+        if reasons:
+            self.set_coords(list(reasons), rejected=list(reasons.values()))
 
     def update_paths(self, updates: dict[int, str]) -> None:
         """Point existing slots at the file they are (re)ingested from."""
-        if not updates:
-            return
-        arr = self.group["path"]
-        paths = np.asarray(arr[...], dtype=object)
-        for i, p in updates.items():
-            paths[i] = p
-        arr[...] = paths
+        if updates:
+            self.set_coords(list(updates), path=list(updates.values()))
 
     def size_on_disk(self) -> int:
         """Bytes used by the store's files."""
@@ -312,18 +443,9 @@ class IngestLock:
     def _holder_alive(self) -> bool:
         try:
             host, pid = self.file.read_text().split()
-            pid_i = int(pid)
+            return _alive(host, int(pid))
         except (OSError, ValueError):
             return False
-        if host != socket.gethostname():
-            return True  # cannot check another machine: assume it is alive
-        try:
-            os.kill(pid_i, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
     def __enter__(self) -> "IngestLock":
         for _ in range(2):
@@ -441,10 +563,15 @@ def describe(path: str | os.PathLike) -> dict:
     store = RawStore.open(path, mode="r")
     n = len(store)
     done = store.coord("ingested")
+    # slots whose file was unreadable are no work left: a rerun cannot finish them
+    why, paths = store.coord("rejected"), store.coord("path")
+    rejected = np.flatnonzero(~done & (why != ""))
     summary: dict = {
         "store": str(Path(path).resolve()),
         "frames": int(done.sum()),
-        "pending_slots": int(n - done.sum()),
+        "pending_slots": int(n - done.sum()) - len(rejected),
+        "rejected_slots": len(rejected),
+        "rejected": [{"path": str(paths[i]), "reason": str(why[i])} for i in rejected],
         "frame_shape": list(store.frame_shape),
         "tile": store.group.attrs.get("tile"),
         "size_on_disk_bytes": store.size_on_disk(),
@@ -563,8 +690,10 @@ REDUCED_COORDS: dict[str, tuple[str, object]] = {
     "tracks": ("str", ""),
     "reduced": ("bool", False),
 }
-_REDUCED_COPY = [c for c in COORDS if c != "ingested"]
+_REDUCED_COPY = [c for c in COORDS if c not in ("ingested", "rejected")]
 _REDUCED_SPEC = {**{c: COORDS[c] for c in _REDUCED_COPY}, **REDUCED_COORDS}
+_REQUIRED[STORE_KIND] = ("raw", "header", *(c for c in COORDS if c != "rejected"))
+_REQUIRED[REDUCED_KIND] = ("data", "mask", *_REDUCED_SPEC)
 
 
 class ReducedStore(_FrameStore):
@@ -586,20 +715,23 @@ class ReducedStore(_FrameStore):
 
     _pixels = "data"
     _frame_arrays = ("data", "mask")
+    _spec = _REDUCED_SPEC
 
     @classmethod
     def create(cls, path: str | os.PathLike, shape: tuple[int, int], tile: tuple[int, int],
                layout: StoreLayout, attrs: dict) -> "ReducedStore":
         """Create an empty reduced store for frames of ``shape``, tiled like the raw store."""
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            raise StoreError(f"{path}: exists and is not an mstdask reduced store; choose another --out")
+        _build(path, f"{path}: exists and is not an mstdask reduced store; choose another --out",
+               lambda group: cls._skeleton(group, shape, tile, layout, attrs))
+        return cls.open(path, mode="r+")
+
+    @staticmethod
+    def _skeleton(group: zarr.Group, shape: tuple[int, int], tile: tuple[int, int], layout: StoreLayout,
+                  attrs: dict) -> None:
+        """The attributes and empty arrays of a new reduced store."""
         ty, tx = tile
         shard = (1, -(-shape[0] // ty) * ty, -(-shape[1] // tx) * tx)
-        try:
-            group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        except OSError as exc:
-            raise StoreError(f"{path}: cannot create the store ({exc}); check the folder is writable") from None
         group.attrs.update({"mstdask_store": REDUCED_KIND, "mstdask_store_version": STORE_VERSION,
                             "mstdask_version": __version__,
                             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -621,9 +753,6 @@ class ReducedStore(_FrameStore):
                                        "flag_meanings": "bad_pixel saturated pepper_and_salt "
                                                         "satellite_track cosmic_ray"})
         _create_coords(group, _REDUCED_SPEC)
-        store = cls(path, group)
-        store.consolidate()
-        return store
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r+") -> "ReducedStore":
@@ -633,35 +762,25 @@ class ReducedStore(_FrameStore):
 
     def reserve(self, coords: dict[str, np.ndarray]) -> list[int]:
         """Append slots with the given per-frame coordinates (the raw ones plus ``raw_index``
-        and ``calib_*``); the rest start at their fill values. Returns the new indices."""
-        n_new = len(coords["raw_index"])
-        if n_new == 0:
-            return []
+        and ``calib_*``); the rest start at their fill values.
+
+        Idempotent by ``frame_key``: a frame that has a slot already (reserved by a killed
+        run) keeps it, unchanged. Slots of a reservation cut short are written over; called
+        with no frames (``{}``), it only removes them. Returns the slot of each frame given."""
+        keys = [str(k) for k in coords.get("frame_key", ())]
         n0 = len(self)
-        n1 = n0 + n_new
-        for name in ("data", "mask"):
-            self.group[name].resize((n1, *self.frame_shape))
-        for name, (dtype, fill) in _REDUCED_SPEC.items():
-            arr = self.group[name]
-            arr.resize((n1,))
-            values = coords.get(name)
-            if values is None:
-                values = np.full(n_new, fill, dtype=object if dtype == "str" else dtype)
-            arr[n0:n1] = np.asarray(values, dtype=object if dtype == "str" else dtype)
-        self.consolidate()
-        return list(range(n0, n1))
-
-    def set_coords(self, index: int | Sequence[int], **values) -> None:
-        """Update per-frame coordinates of existing slots (driver side)."""
-        idx = np.atleast_1d(np.asarray(index, dtype=np.int64))
-        if idx.size == 0:
-            return
-        for name, vals in values.items():
-            arr = self.group[name]
-            cur = np.asarray(arr[...], dtype=object if arr.dtype.kind in "OUT" else arr.dtype)
-            cur[idx] = vals
-            arr[...] = cur
-
+        slot = {str(k): i for i, k in enumerate(self.coord("frame_key"))}
+        fresh = [j for j, k in enumerate(keys) if k not in slot and k not in keys[:j]]
+        slot.update({keys[j]: n0 + k for k, j in enumerate(fresh)})
+        self._resize_all(n0 + len(fresh))
+        if fresh:
+            values = {}
+            for name, (dtype, fill) in _REDUCED_SPEC.items():
+                given = coords.get(name)
+                values[name] = [fill] * len(fresh) if given is None else np.asarray(given, dtype=object)[fresh]
+            self._write_slots(n0, values)
+        self.consolidate()  # always: a killed run may have left it stale, and tasks open the store consolidated
+        return [slot[k] for k in keys]
 
 
 def open_reduced(path: str | os.PathLike, *, include_pending: bool = False,

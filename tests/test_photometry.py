@@ -360,6 +360,7 @@ def test_cli_photometry_bad_refcat(night, client, tmp_path, capsys):
     code = main(["photometry", str(root / "red" / "reduced.zarr"), "--refcat", str(bad), "--out",
                  str(tmp_path / "c"), "--quiet", "--cluster", client.scheduler.address])
     out = capsys.readouterr()
-    assert code == 1
-    assert "FLAGGED" in out.out or "FAILED" in out.out
-    assert "no RA column 'ra'" in out.out
+    # checked up front: the command cannot run (exit 2), one message, no exposure measured
+    assert code == 2
+    assert "no RA column 'ra'" in out.err and "--refcat-columns" in out.err
+    assert "FLAGGED" not in out.out and not (tmp_path / "c" / "exposures.parquet").exists()

@@ -34,6 +34,8 @@ class Plan:
         What the run would report (rejected files, frames without calibrations...).
     parts : list of Plan
         ``run``: the plans of ingest, calibrate and reduce.
+    skipped : int
+        Products the command would skip (``calibrate``: too few frames...).
     """
 
     command: str
@@ -46,6 +48,34 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     parts: list["Plan"] = field(default_factory=list)
     tasks_estimated: bool = False
+    skipped: int = 0
+
+    @property
+    def rejected(self) -> int:
+        """Inputs the command would reject (its ``REJECTED`` notes and those of its parts)."""
+        return sum(n.startswith("REJECTED ") for n in self.notes) + sum(p.rejected for p in self.parts)
+
+    @property
+    def would_skip(self) -> int:
+        """Products the command (and its parts) would skip."""
+        return self.skipped + sum(p.would_skip for p in self.parts)
+
+    @property
+    def exit_status(self) -> int:
+        """The dry run's exit status: the one the run would have, as far as headers tell
+        (1 when inputs would be rejected or products skipped, else 0)."""
+        return 1 if self.rejected or self.would_skip else 0
+
+    def outcome(self) -> str | None:
+        """The line that says why the dry run exits with 1 (None when it exits with 0)."""
+        if not self.exit_status:
+            return None
+        if self.rejected and not sum(self.frames.values()) and not self.tasks:
+            return (f"every input would be rejected ({self.rejected}): nothing to do; fix or remove them "
+                    "(exit status 1)")
+        parts = [f"{self.rejected} inputs would be rejected"] if self.rejected else []
+        parts += [f"{self.would_skip} products would be skipped"] if self.would_skip else []
+        return " and ".join(parts) + ": the run would exit with status 1"
 
     def frame_table(self) -> list[str]:
         """Frames per night and telescope, one column per image type."""
@@ -79,6 +109,8 @@ class Plan:
         body.append(f"{label}data: {self.bytes_read / 1e6:.1f} MB read, {self.bytes_written / 1e6:.1f} MB written "
                     "(pixels, before compression)")
         body += [f"note: {n}" for n in self.notes]
+        if not _part and (why := self.outcome()):
+            body.append(why)
         return "\n".join(lines + ["  " + b if b else "" for b in body])
 
 
@@ -112,6 +144,8 @@ def _concat(a: dict, b: dict) -> dict:
 
 
 def _tiles(shape: tuple[int, int], tile) -> int:
-    """Stored tiles of a frame (partial tiles at the edges count)."""
+    """Stored tiles of a frame (partial tiles at the edges count); 0 without frames."""
+    if not (shape[0] and shape[1] and tile[0] and tile[1]):
+        return 0
     return -(-shape[0] // tile[0]) * -(-shape[1] // tile[1])
 

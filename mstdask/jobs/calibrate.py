@@ -170,12 +170,23 @@ def calibrate(store_path: str | os.PathLike, out_dir: str | os.PathLike, client,
     clear_temporaries(out)  # FITS and manifest temporaries of a killed run
     steps = _calib_steps({k: ds[k].values for k in ("telescope", "imagetyp", "night", "filter", "time")}, config)
     run = _Calibration(client, ds, out, config)
+    _no_calibration_frames(ds, store_path, run.report)
     run.make(steps, progress)
     report = run.report
     save_manifest(run.manifest, out, argv, products=len(report.products), already=len(report.already),
                   skipped=len(report.skipped))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _no_calibration_frames(ds, store_path, report: CalibReport) -> None:
+    """A store without bias, flat or dark frames gives no calibration: said once, as the first
+    line of the summary, so that "nothing made" is not a success (exit status 1)."""
+    if {"bias", "flat", "dark"} & set(_strs(ds["imagetyp"].values)):
+        return
+    report.skipped.append(("calibrations", f"no bias, flat or dark frames in the store {store_path}: nothing to "
+                                           "calibrate with; ingest the nights' calibration frames into it (with "
+                                           "--as bias|flat|dark for a camera that writes a wrong IMAGETYP)"))
 
 
 class _Calibration:
@@ -552,6 +563,10 @@ def _calib_plan(table: dict, shape, tile, out: Path, config) -> Plan:
     idx = sorted(read)
     plan.frames = Counter(zip(_strs(table["night"])[idx], _strs(table["telescope"])[idx], _strs(table["imagetyp"])[idx]))
     plan.steps.insert(0, f"products: {todo} to make, {done} already done, {skipped} would be skipped")
+    plan.skipped = skipped
+    if not {"bias", "flat", "dark"} & set(_strs(table["imagetyp"])):  # as calibrate would say
+        plan.skipped += 1
+        plan.notes.append("no bias, flat or dark frames in the store: nothing to calibrate with")
     plan.tasks_estimated = True
     return plan
 

@@ -36,8 +36,8 @@ class CoaddReport(JobReport):
     """What ``coadd`` did: stacks made now or already there, stacks measured, depth per N,
     exposures left out (no astrometric solution, flagged) and failures.
 
-    Only failed stacks make the run not ``ok``: skipped exposures and flagged stacks are
-    data, not errors.
+    Skipped exposures, flagged stacks and failed stacks make the run not ``ok`` (exit
+    status 1): not everything asked was made.
     """
 
     out_dir: str
@@ -51,7 +51,7 @@ class CoaddReport(JobReport):
     frame_seconds: list[float] = field(default_factory=list)
 
     _LISTED = (("SKIPPED", "skipped"), ("FLAGGED", "flagged"), ("FAILED", "failed"))
-    _FAILS = ("failed",)
+    _FAILS = ("skipped", "flagged", "failed")
 
     def headline(self) -> str:
         """The counts, then one line per stack's depth (before the notes)."""

@@ -181,8 +181,9 @@ def _into_store(store_path: str, unique: list[FrameInfo], client, config: Ingest
     """Open or create the store and write the frames into it.
 
     The frame shape comes from the store, or from the most common shape of a first ingest.
-    One ingest at a time writes a store."""
-    exists = Path(store_path, "zarr.json").exists()
+    One ingest at a time writes a store. A store whose creation was killed (by an older
+    version: stores are now made under a temporary name) is made anew."""
+    exists = _store_exists(store_path)
     if exists:
         RawStore.open(store_path, mode="r")  # not an mstdask store: that error first
     check_writable(store_path if exists else Path(store_path).parent, "the store")
@@ -193,6 +194,12 @@ def _into_store(store_path: str, unique: list[FrameInfo], client, config: Ingest
             RawStore.create(store_path, shape, config.layout, config.site)
         with IngestLock(store_path):
             _write_frames(RawStore.open(store_path, mode="r+"), unique, client, config, progress, report)
+
+
+def _store_exists(store_path: str | os.PathLike) -> bool:
+    """Whether there is a store (maybe not an mstdask one) at ``store_path``, not counting the
+    skeleton a killed creation left."""
+    return Path(store_path, "zarr.json").exists() and not RawStore.half_made(store_path)
 
 
 def _write_frames(store: RawStore, unique: list[FrameInfo], client, config: IngestConfig, progress: bool,
@@ -232,7 +239,9 @@ def _write_pixels(store: RawStore, jobs: list[tuple[int, FrameInfo, bool]], clie
                for idx, info, _ in jobs]
     resumed_by_index = {idx: was_pending for idx, _, was_pending in jobs}
     path_of = {fut.key: info.path for fut, (_, info, _) in zip(futures, jobs)}
+    slot_of = {fut.key: idx for fut, (idx, _, _) in zip(futures, jobs)}
     done: list[int] = []
+    unreadable: dict[int, str] = {}  # slot -> why its file was rejected: no work left for a rerun
     last_mark = time.monotonic()
     all_done = False
     try:
@@ -244,6 +253,7 @@ def _write_pixels(store: RawStore, jobs: list[tuple[int, FrameInfo, bool]], clie
                 bad = _rejection(res)
                 if bad:
                     report.rejected.append(bad)
+                    unreadable[slot_of[fut.key]] = bad[1]
                 else:
                     done.append(res["index"])
                     report.written.append(res["path"])
@@ -261,6 +271,7 @@ def _write_pixels(store: RawStore, jobs: list[tuple[int, FrameInfo, bool]], clie
         # those frames are simply written again).
         try:
             store.mark_ingested(done)
+            store.mark_rejected(unreadable)
             store.consolidate()
         except OSError:
             if all_done:
@@ -288,7 +299,8 @@ def _ingest_plan(inputs, store_path, config: IngestConfig):
                 infos.append(res)
     unique, copies = _first_of_each(infos)
     store_path = Path(store_path)
-    if Path(store_path, "zarr.json").exists():
+    exists = _store_exists(store_path)
+    if exists:
         store = RawStore.open(store_path, mode="r")
         shape, tile, known, table = store.frame_shape, tuple(store.group.attrs["tile"]), store.known_keys(), \
             _store_table(store)
@@ -306,7 +318,7 @@ def _ingest_plan(inputs, store_path, config: IngestConfig):
                 bytes_written=len(jobs) * npix * 2)
     plan.steps.append(f"{len(jobs)} frames to write ({resumed} resumed), {already} already in the store, "
                       f"{len(rejected)} rejected; {len(files)} header scans + {len(jobs)} frame writes")
-    if not Path(store_path, "zarr.json").exists() and jobs:
+    if not exists and jobs:
         plan.steps.append(f"new store of {shape[1]}x{shape[0]} frames, tiles {tile[1]}x{tile[0]}")
     plan.notes += [f"REJECTED {p}: {r}" for p, r in rejected]
     return plan, jobs, table, tuple(shape), tuple(tile)

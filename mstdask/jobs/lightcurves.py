@@ -28,8 +28,8 @@ from .photometry import _ok_exposures
 class LightcurveReport(JobReport):
     """What ``lightcurves`` did: exposures added to the cube, already there, failed.
 
-    ``ok`` is True when no exposure failed (exposures flagged by ``photometry`` are skipped,
-    not failures).
+    ``ok`` is True when no exposure was skipped (flagged by ``photometry``) or failed: else
+    the exit status is 1, with the list.
     """
 
     out_path: str
@@ -44,7 +44,7 @@ class LightcurveReport(JobReport):
     matched: int = 0
 
     _LISTED: ClassVar[tuple[tuple[str, str], ...]] = (("SKIPPED", "skipped"), ("FAILED", "failed"))
-    _FAILS: ClassVar[tuple[str, ...]] = ("failed",)
+    _FAILS: ClassVar[tuple[str, ...]] = ("skipped", "failed")
     _NOTE: ClassVar[str] = "NOTE"
 
     def headline(self) -> str:

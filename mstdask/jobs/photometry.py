@@ -11,6 +11,7 @@ from pathlib import Path
 from ..config import to_dict
 from ..errors import BadInputError
 from ..manifest import Manifest
+from ..static.refcat import check_refcat
 from ._job import JobReport, check_writable, completed, error_text, median_seconds, save_manifest, task_key, \
     tmp_name, writing
 
@@ -19,7 +20,8 @@ from ._job import JobReport, check_writable, completed, error_text, median_secon
 class PhotometryReport(JobReport):
     """What ``photometry`` did: exposures measured now, already done, flagged, failed.
 
-    Flagged exposures are data, not errors: only failed ones make the run not ``ok``."""
+    Flagged exposures (no pointing, no astrometric match, too few calibration stars, clouds)
+    and failed ones make the run not ``ok`` (exit status 1): not everything asked was made."""
 
     out_dir: str
     measured: list[str] = field(default_factory=list)
@@ -30,7 +32,7 @@ class PhotometryReport(JobReport):
     sources: int = 0
 
     _LISTED = (("FLAGGED", "flagged"), ("FAILED", "failed"))
-    _FAILS = ("failed",)
+    _FAILS = ("flagged", "failed")
 
     def headline(self) -> str:
         """Exposures measured (sources), already done, flagged and failed; time per exposure."""
@@ -146,6 +148,8 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
     check_writable(out, "the catalogues")
     c = {name: red.coord(name) for name in ("reduced", "time", "night", "telescope", "filter", "exptime", "ra",
                                             "dec", "egain", "path")}
+    # a missing column is one error up front, not one failure per exposure
+    check_refcat(refcat_path, refcat_config, {str(f) for f in c["filter"][c["reduced"]]})
     records: dict[str, dict] = {}  # exposure -> its row of the exposure table
     futures, meta_of = _submit_exposures(client, c, reduced_path, refcat_path, out, config, astro_config,
                                          refcat_config, records, report)

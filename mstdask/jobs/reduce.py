@@ -31,11 +31,14 @@ from ._plan import Plan
 #: Seconds between the driver's records of finished frames (``reduced``) in ``reduce``: a
 #: killed run loses at most this much finished work, which the next run redoes.
 MARK_EVERY_S = 2.0
+#: Why ``reduce`` made nothing from a raw store without science frames.
+NO_SCIENCE = "no science frames in this store: nothing to reduce; ingest science frames first"
 
 
 @dataclass
 class ReduceReport(JobReport):
-    """What ``reduce`` did: frames reduced now, frames already done, frames that failed."""
+    """What ``reduce`` did: frames reduced now, frames already done, frames that failed, and
+    ``skipped``: ``(store, why)`` when there was nothing to reduce (not ok: nothing made)."""
 
     out: str
     reduced: list[str] = field(default_factory=list)
@@ -43,9 +46,10 @@ class ReduceReport(JobReport):
     failed: list[tuple[str, str]] = field(default_factory=list)
     tracks: int = 0
     frame_seconds: list[float] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
-    _LISTED = (("FAILED", "failed"),)
-    _FAILS = ("failed",)
+    _LISTED = (("FAILED", "failed"), ("SKIPPED", "skipped"))
+    _FAILS = ("failed", "skipped")
 
     def headline(self) -> str:
         """Frames reduced, already done and failed, tracks found, time per frame."""
@@ -110,6 +114,21 @@ def _reduce_work(raw: RawStore, red, caldir, calib_config, report: ReduceReport)
     return coords, todo, new
 
 
+def _nothing_to_reduce(todo: list, new: list, report: ReduceReport) -> bool:
+    """Whether the raw store has no science frame at all (none to do, done or failed)."""
+    return not (todo or new or report.already or report.failed)
+
+
+def _existing(out_path: Path, mode: str = "r+"):
+    """The reduced store at ``out_path``; None when there is none yet (nothing there, or the
+    skeleton of a killed creation, which ``ReducedStore.create`` makes anew)."""
+    from ..store import ReducedStore
+
+    if out_path.exists() and any(out_path.iterdir()) and not ReducedStore.half_made(out_path):
+        return ReducedStore.open(out_path, mode=mode)
+    return None
+
+
 def _fits_path(fits_root: Path | None, coords: dict, i: int) -> str | None:
     """Where frame ``i`` is written as FITS (``FITS_DIR/NIGHT/NAME.fits``), None without."""
     if fits_root is None:
@@ -147,11 +166,15 @@ def reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_path: s
     out_path = Path(out_path)
     report = ReduceReport(out=str(out_path.resolve()))
     raw = RawStore.open(store_path, mode="r")
-    red = ReducedStore.open(out_path) if out_path.exists() and any(out_path.iterdir()) else None
+    red = _existing(out_path)
     if red is not None and tuple(red.frame_shape) != tuple(raw.frame_shape):
         raise StoreError(f"{out_path}: holds {red.frame_shape} frames, {store_path} has {raw.frame_shape}; "
                          "reduce into a new --out")
     coords, todo, new = _reduce_work(raw, red, caldir, calib_config, report)
+    if _nothing_to_reduce(todo, new, report):  # nothing made: said, and not ok
+        report.skipped.append((str(Path(store_path).resolve()), NO_SCIENCE))
+        report.seconds = time.perf_counter() - t0
+        return report
     check_writable(out_path if red is not None else out_path.parent, "the reduced store")
     fits_root = check_writable(fits_dir, "the FITS frames") if fits_dir else None
     # any file-system error, the manifests' included, reads as the reduced frames not written
@@ -192,13 +215,15 @@ def _reserve_slots(red, raw: RawStore, coords: dict, todo: list, new: list) -> l
         red.set_coords([s for _, s, _ in todo], calib_bias=[c.bias for *_, c in todo],
                        calib_flat=[c.flat for *_, c in todo], calib_ps=[c.ps for *_, c in todo],
                        calib_bad=[c.bad for *_, c in todo])
+    fields: dict = {}
     if new:
         idx = np.array([i for i, _ in new])
         fields = {name: coords[name][idx] for name in _REDUCED_COPY}
         fields.update(raw_index=idx, calib_bias=[c.bias for _, c in new], calib_flat=[c.flat for _, c in new],
                       calib_ps=[c.ps for _, c in new], calib_bad=[c.bad for _, c in new])
-        slots = red.reserve(fields)
-        todo = todo + [(i, s, c) for (i, c), s in zip(new, slots)]
+    # also with no new frame: the slots of a reservation a killed run cut short are removed
+    slots = red.reserve(fields)
+    todo = todo + [(i, s, c) for (i, c), s in zip(new, slots)]
     red.clear_partial([s for _, s, _ in todo])  # left by workers killed while writing
     return todo
 
@@ -334,13 +359,14 @@ def plan_reduce(store_path: str | os.PathLike, caldir: str | os.PathLike, out_pa
     import numpy as np
 
     from ..config import CalibConfig
-    from ..store import ReducedStore
 
     raw = RawStore.open(store_path, mode="r")
     out_path = Path(out_path)
-    red = ReducedStore.open(out_path, mode="r") if out_path.exists() and any(out_path.iterdir()) else None
+    red = _existing(out_path, mode="r")
     report = ReduceReport(out=str(out_path))
     coords, todo, new = _reduce_work(raw, red, caldir, calib_config or CalibConfig(), report)
+    if _nothing_to_reduce(todo, new, report):
+        report.notes.append(f"{store_path}: {NO_SCIENCE}")
     frames = [i for i, _, _ in todo] + [i for i, _ in new]
     sets = {cs for *_, cs in todo} | {cs for _, cs in new}
     npix = int(np.prod(raw.frame_shape))

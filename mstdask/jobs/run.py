@@ -146,7 +146,7 @@ def plan_run(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     import numpy as np
 
     from ..config import CalibConfig
-    from ..store import ReducedStore
+    from ..store import ReducedStore, _half_made
 
     config = config or IngestConfig()
     out = Path(out_dir)
@@ -155,7 +155,8 @@ def plan_run(raw_inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     cal = _calib_plan(table, shape, tile, out, CalibConfig())
     red_path = out / "reduced.zarr"
     done_keys: set[str] = set()
-    if red_path.exists() and any(red_path.iterdir()):
+    # a reduced store whose creation was killed holds nothing yet (reduce makes it anew)
+    if red_path.exists() and any(red_path.iterdir()) and not _half_made(red_path):
         red = ReducedStore.open(red_path, mode="r")
         done_keys = set(map(str, red.coord("frame_key")[red.coord("reduced")]))
     types = _strs(table["imagetyp"])

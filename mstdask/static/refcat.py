@@ -20,7 +20,7 @@ import numpy as np
 from ..config import RefcatConfig
 from ..errors import BadInputError, ConfigError
 
-__all__ = ["Refcat", "load_refcat", "parse_columns"]
+__all__ = ["Refcat", "check_refcat", "load_refcat", "parse_columns", "refcat_columns"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,106 @@ def _read_table(path: Path):
     except Exception as exc:
         raise BadInputError(str(path), f"cannot read the reference catalogue ({type(exc).__name__}: {exc})") from None
     raise BadInputError(str(path), "unknown reference-catalogue format; use .csv, .fits or .parquet")
+
+
+def _ecsv_columns(path: Path) -> list[str]:
+    """Column names of an ECSV file: its first line that is not a ``#`` header line."""
+    delimiter = None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("#"):
+                if "delimiter:" in line and "," in line.split("delimiter:", 1)[1]:
+                    delimiter = ","
+                continue
+            return [c.strip() for c in line.strip().split(delimiter)]
+    return []
+
+
+def refcat_columns(path: str | os.PathLike) -> list[str]:
+    """The column names of a reference catalogue, from its schema or header only (the rows
+    are not read).
+
+    Raises
+    ------
+    BadInputError
+        Missing file, unknown format, unreadable header.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    try:
+        if name.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        if name.endswith((".fits", ".fit", ".fits.gz", ".fts")):
+            from astropy.io import fits
+
+            with fits.open(path) as hdul:  # headers only: no table data is read
+                for hdu in hdul[1:]:
+                    if isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)):
+                        return list(hdu.columns.names)
+            raise BadInputError(str(path), "no table HDU in the FITS file; give a FITS table, CSV or Parquet")
+        if name.endswith(".ecsv"):
+            return _ecsv_columns(path)
+        if name.endswith((".csv", ".txt", ".csv.gz")):
+            import pandas as pd
+
+            return [str(c) for c in pd.read_csv(path, comment="#", nrows=0).columns]
+    except FileNotFoundError:
+        raise BadInputError(str(path), "reference catalogue not found; check --refcat") from None
+    except BadInputError:
+        raise
+    except Exception as exc:
+        raise BadInputError(str(path), f"cannot read the reference catalogue ({type(exc).__name__}: {exc})") from None
+    raise BadInputError(str(path), "unknown reference-catalogue format; use .csv, .fits or .parquet")
+
+
+def _missing_columns(cols: list[str], config: RefcatConfig, filters) -> list[str]:
+    """What is missing for :func:`load_refcat` (``filters`` None: for any filter)."""
+    import re
+
+    missing = [f"no {what} column {name!r} (--refcat-columns {key}=COLUMN)"
+               for what, key, name in (("RA", "ra", config.ra), ("Dec", "dec", config.dec)) if name not in cols]
+    fallback = config.fallback_mag if config.fallback_mag in cols else None
+    if fallback is None and filters is None and "{filter}" in config.mag:
+        pattern = re.compile("^" + ".+".join(re.escape(p) for p in config.mag.split("{filter}")) + "$")
+        if not any(pattern.match(c) for c in cols):
+            missing.append(f"no magnitude column {config.mag!r} for any filter"
+                           + (f" and no {config.fallback_mag!r}" if config.fallback_mag else "")
+                           + " (--refcat-columns mag=COLUMN)")
+    elif fallback is None:
+        for filt in sorted(set(filters)) if filters is not None else [""]:
+            mag = config.mag.replace("{filter}", str(filt))
+            if mag not in cols:
+                missing.append(f"no magnitude column {mag!r} for filter {filt!r}"
+                               + (f" and no {config.fallback_mag!r}" if config.fallback_mag else "")
+                               + " (--refcat-columns mag=COLUMN)")
+    return missing
+
+
+def check_refcat(path: str | os.PathLike, config: RefcatConfig | None = None, filters=None) -> list[str]:
+    """Check, from its schema or header only, that a reference catalogue has the columns
+    ``config`` names: RA, Dec and a magnitude for each of ``filters`` (``None``: for some
+    filter). Returns the column names.
+
+    Raises
+    ------
+    BadInputError
+        Missing file, unreadable header, or missing columns: the message names them, the
+        columns the file has and the ``--refcat-columns`` fix.
+    """
+    config = config or RefcatConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(str(path), "reference catalogue not found (or not a file); check --refcat")
+    cols = refcat_columns(path)
+    missing = _missing_columns(cols, config, filters)
+    if missing:
+        shown = ", ".join(cols[:30]) + (f", ... ({len(cols)} in all)" if len(cols) > 30 else "")
+        raise BadInputError(str(path), "; ".join(missing) + f". The catalogue's columns: {shown or 'none'}. "
+                                       "Name yours with --refcat-columns, e.g. "
+                                       "--refcat-columns 'ra=RAJ2000,dec=DEJ2000,mag={filter}_psf'")
+    return cols
 
 
 def _column(cols: dict, name: str, path: Path, what: str, option: str) -> np.ndarray:
