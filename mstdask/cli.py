@@ -276,9 +276,12 @@ def _preflight(args: argparse.Namespace) -> None:
     elif args.command == "photometry":
         from .store import ReducedStore
 
+        from .jobs.photometry import check_refcat_coverage
+
         red = ReducedStore.open(args.reduced, mode="r")
-        check_refcat(args.refcat, parse_columns(args.refcat_columns),
-                     {str(f) for f in red.coord("filter")[red.coord("reduced")]})
+        rcfg = parse_columns(args.refcat_columns)
+        check_refcat(args.refcat, rcfg, {str(f) for f in red.coord("filter")[red.coord("reduced")]})
+        check_refcat_coverage(red, args.refcat, rcfg, _preflight_astro_config(args))
         check_writable(args.out, "the catalogues")
     elif args.command == "coadd":
         from .jobs.coadd import _coadd_inputs
@@ -301,6 +304,63 @@ def _preflight(args: argparse.Namespace) -> None:
         if getattr(args, "refcat", None):  # the filters are not known yet: a magnitude for some filter
             check_refcat(args.refcat, parse_columns(args.refcat_columns), None)
         check_writable(args.out, "the output folder")
+    _check_free_space(args)
+
+
+def _preflight_astro_config(args: argparse.Namespace):
+    """The astrometry settings ``photometry`` runs with (frame size on the sky)."""
+    from .config import AstrometryConfig
+
+    return AstrometryConfig(distortion_order=args.distortion_order,
+                            **({"pixel_scale_arcsec": args.pixel_scale} if args.pixel_scale else {}))
+
+
+def _check_free_space(args: argparse.Namespace) -> None:
+    """Before ``ingest``, ``calibrate``, ``reduce`` and ``run`` write: room on the output
+    disk for what their dry-run plan says they write (headers and store metadata only; for
+    ``ingest`` and ``run`` every input header, about 1.5 ms a file). Nothing to check when
+    the plan cannot be made: the command itself then says why."""
+    from . import jobs
+    from .config import CalibConfig
+    from .jobs._job import check_free_space
+
+    try:
+        if args.command == "ingest":
+            places = [(args.store, jobs.plan_ingest(args.inputs, args.store, _ingest_config(args)).bytes_written,
+                       "the store")]
+        elif args.command == "calibrate":
+            places = [(args.out, jobs.plan_calibrate(args.store, args.out, _calib_config(args)).bytes_written,
+                       "the calibrations")]
+        elif args.command == "reduce":
+            need = jobs.plan_reduce(args.store, args.calib, args.out, _stir_config(args), CalibConfig(),
+                                    fits_dir=args.fits).bytes_written
+            # with --fits half of it goes to the FITS folder, which may be on another disk
+            places = [(args.out, need // 2, "the reduced store"), (args.fits, need // 2, "the FITS frames")] \
+                if args.fits else [(args.out, need, "the reduced store")]
+        elif args.command == "run":
+            places = [(args.out, jobs.plan_run(args.inputs, args.out, _ingest_config(args)).bytes_written,
+                       "the products")]
+        else:
+            return
+    except (MstdaskError, OSError):
+        return
+    if len(places) == 2 and _same_disk(places[0][0], places[1][0]):
+        places = [(places[0][0], places[0][1] + places[1][1], "the reduced store and the FITS frames")]
+    for folder, need, what in places:
+        check_free_space(folder, need, what)
+
+
+def _same_disk(a, b) -> bool:
+    """Whether two paths (or their nearest existing parents) are on one file system."""
+    import os
+
+    def dev(p) -> int:
+        p = Path(p).absolute()
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        return os.stat(p).st_dev
+
+    return dev(a) == dev(b)
 
 
 def _dry_run(args: argparse.Namespace) -> int:

@@ -74,7 +74,11 @@ def test_photometry_with_flagged_exposures_exits_1(tiny_night, client, tmp_path,
 def test_refcat_missing_a_column_fails_once_up_front(tiny_night, client, tmp_path, capsys, monkeypatch):
     root, truth = tiny_night
     bad = tmp_path / "ref.csv"
-    bad.write_text("RA,DEC,G\n1,2,3\n")
+    from mstdask.store import ReducedStore
+
+    red = ReducedStore.open(root / "reduced.zarr", mode="r")
+    # one star in the field: the catalogue covers it (else the coverage check refuses it up front)
+    bad.write_text(f"RA,DEC,G\n{float(red.coord('ra')[0])},{float(red.coord('dec')[0])},3\n")
     out = tmp_path / "cat"
     rc = main(["photometry", str(root / "reduced.zarr"), "--refcat", str(bad), "--out", str(out), *_addr(client)])
     err = capsys.readouterr().err

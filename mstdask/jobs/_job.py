@@ -321,3 +321,31 @@ def save_manifest(manifest: Manifest, where: str | os.PathLike, argv: list[str] 
     manifest.record_run(argv, **counts)
     with writing(where, "the manifest"):
         manifest.write()
+
+
+# ----------------------------------------------------------------------------- free space
+def check_free_space(folder: str | os.PathLike, need_bytes: int, what: str = "the output") -> None:
+    """Check, before anything is written, that the disk of ``folder`` (or of its nearest
+    existing parent) has room for about ``need_bytes``.
+
+    The estimate is of uncompressed pixels, and the stores are compressed (often by half or
+    more), so only free space below half the estimate is an error: a plainly full disk is
+    found at the start, a tight one still gets its chance (and a full disk during the run
+    stops it with one clear message, work done so far kept).
+
+    Raises
+    ------
+    StoreError
+        Too little free space: names the folder, the free space, the estimate and the fix.
+    """
+    if need_bytes <= 0:
+        return
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < 0.5 * need_bytes:
+        raise StoreError(f"{folder}: only {free / 1e9:.2f} GB free on its disk ({existing}), and writing "
+                         f"{what} needs about {need_bytes / 1e9:.2f} GB (at least {need_bytes / 2e9:.2f} GB even "
+                         "if compression halves it); free some space there or choose an output folder on a "
+                         "larger disk, then run the same command again")

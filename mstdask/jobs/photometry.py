@@ -11,7 +11,7 @@ from pathlib import Path
 from ..config import to_dict
 from ..errors import BadInputError
 from ..manifest import Manifest
-from ..static.refcat import check_refcat
+from ..static.refcat import check_coverage, check_refcat
 from ._job import JobReport, check_writable, completed, error_text, median_seconds, save_manifest, task_key, \
     tmp_name, writing
 
@@ -150,6 +150,8 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
                                             "dec", "egain", "path")}
     # a missing column is one error up front, not one failure per exposure
     check_refcat(refcat_path, refcat_config, {str(f) for f in c["filter"][c["reduced"]]})
+    # ... and so is a catalogue of another field (every exposure would be flagged)
+    check_refcat_coverage(red, refcat_path, refcat_config, astro_config)
     records: dict[str, dict] = {}  # exposure -> its row of the exposure table
     futures, meta_of = _submit_exposures(client, c, reduced_path, refcat_path, out, config, astro_config,
                                          refcat_config, records, report)
@@ -163,6 +165,38 @@ def photometry(reduced_path: str | os.PathLike, refcat_path: str | os.PathLike, 
         _write_products(out, recs, reduced_path, refcat_path, cfg, argv, report)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def check_refcat_coverage(red, refcat_path: str | os.PathLike, refcat_config=None, astro_config=None) -> None:
+    """Check that the reference catalogue has stars where the reduced frames of ``red`` (a
+    :class:`~mstdask.store.ReducedStore`) point: some pointing has a catalogue star within
+    the radius each exposure's task searches (half the frame diagonal, widened by the scale
+    and pointing tolerances of ``astro_config``). Frames without a pointing are not
+    checked (they are flagged one by one). Reads the catalogue's RA/Dec columns only.
+
+    Raises
+    ------
+    BadInputError
+        No pointing is covered: names the catalogue, its extent, the pointings and the fix.
+    """
+    import math
+
+    import numpy as np
+
+    from ..config import AstrometryConfig
+
+    astro_config = astro_config or AstrometryConfig()
+    done = np.asarray(red.coord("reduced"), dtype=bool)
+    if not done.any():
+        return
+    ny, nx = red.frame_shape
+    # the same radius as the exposure's task (mstdask.static.photometry.photometry_task)
+    half_diag = math.hypot(nx, ny) / 2 * astro_config.pixel_scale_arcsec / 3600
+    radius = astro_config.search_radius_deg or half_diag * (1 + astro_config.scale_tolerance
+                                                            + astro_config.pointing_error_fraction)
+    ra = np.asarray(red.coord("ra"), dtype=np.float64)[done]
+    dec = np.asarray(red.coord("dec"), dtype=np.float64)[done]
+    check_coverage(refcat_path, np.column_stack([ra, dec]), radius, refcat_config)
 
 
 def _exposure_meta(c: dict, exp: str, i: int, night: str) -> dict:

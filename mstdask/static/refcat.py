@@ -20,7 +20,8 @@ import numpy as np
 from ..config import RefcatConfig
 from ..errors import BadInputError, ConfigError
 
-__all__ = ["Refcat", "check_refcat", "load_refcat", "parse_columns", "refcat_columns"]
+__all__ = ["Refcat", "check_coverage", "check_refcat", "load_refcat", "parse_columns", "refcat_columns",
+           "refcat_coordinates"]
 
 
 @dataclass(frozen=True)
@@ -258,3 +259,104 @@ def _load_cached(path_s: str, mtime: int, size: int, config: RefcatConfig, filt:
     if ok.sum() == 0 and len(ra):
         raise BadInputError(str(path), f"no finite coordinates in columns {config.ra!r}, {config.dec!r}")
     return Refcat(ra[ok], dec[ok], mag[ok], None if err is None else err[ok], str(path), mag_name)
+
+
+def refcat_coordinates(path: str | os.PathLike, config: RefcatConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The RA and Dec columns (degrees, finite rows only) of a reference catalogue; no other
+    column is read (Parquet and CSV read those two columns only, FITS memory-maps them).
+
+    Raises
+    ------
+    BadInputError
+        Missing file, unreadable table, missing or non-numeric RA/Dec column.
+    """
+    config = config or RefcatConfig()
+    path = Path(path)
+    name = path.name.lower()
+    wanted = [config.ra, config.dec]
+    try:
+        if name.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+
+            tab = pq.read_table(path, columns=wanted)
+            cols = {c: tab.column(c).to_numpy(zero_copy_only=False) for c in wanted}
+        elif name.endswith((".csv", ".txt", ".csv.gz")):
+            import pandas as pd
+
+            df = pd.read_csv(path, comment="#", usecols=wanted)
+            cols = {c: df[c].to_numpy() for c in wanted}
+        elif name.endswith((".fits", ".fit", ".fts")):
+            from astropy.io import fits
+
+            with fits.open(path, memmap=True) as hdul:
+                hdu = next(h for h in hdul[1:] if isinstance(h, (fits.BinTableHDU, fits.TableHDU)))
+                cols = {c: np.array(hdu.data[c], dtype=np.float64) for c in wanted}
+        else:  # .fits.gz, .ecsv: small formats, read whole
+            cols = _read_table(path)
+    except (FileNotFoundError, StopIteration, KeyError, ValueError):
+        check_refcat(path, config)  # the clear message: missing file, table or column
+        raise BadInputError(str(path), f"cannot read columns {config.ra!r}, {config.dec!r} of the reference "
+                                       "catalogue") from None
+    except BadInputError:
+        raise
+    except Exception as exc:
+        raise BadInputError(str(path), f"cannot read the reference catalogue ({type(exc).__name__}: {exc})") from None
+    ra = _column(cols, config.ra, path, "RA", "ra")
+    dec = _column(cols, config.dec, path, "Dec", "dec")
+    ok = np.isfinite(ra) & np.isfinite(dec)
+    return ra[ok], dec[ok]
+
+
+def _unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    r, d = np.radians(ra), np.radians(dec)
+    return np.stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)], axis=-1)
+
+
+def _covered(ra: np.ndarray, dec: np.ndarray, pointings: np.ndarray, radius_deg: float) -> bool:
+    """Whether some star lies within ``radius_deg`` of some pointing (vectorised; a k-d tree
+    of the stars when there are many distinct pointings)."""
+    if not len(ra) or not len(pointings):
+        return False
+    chord = 2 * math.sin(math.radians(min(radius_deg, 180.0)) / 2)
+    centres = _unit_vectors(pointings[:, 0], pointings[:, 1])
+    if len(centres) > 16:
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(_unit_vectors(ra, dec))
+        return bool(np.any(tree.query_ball_point(centres, chord, return_length=True) > 0))
+    stars = _unit_vectors(ra, dec)
+    cos_r = 1 - chord * chord / 2
+    # one pointing at a time, stopping at the first covered one: memory stays O(stars)
+    return any(bool(np.any(stars @ c >= cos_r)) for c in centres)
+
+
+def check_coverage(path: str | os.PathLike, pointings, radius_deg: float,
+                   config: RefcatConfig | None = None) -> int:
+    """Check that a reference catalogue has stars where the frames point: at least one of
+    ``pointings`` (``(ra, dec)`` pairs in degrees) has a catalogue star within
+    ``radius_deg``. Only the RA/Dec columns are read (:func:`refcat_coordinates`). Returns
+    the number of stars in the catalogue; no pointing given: nothing to check.
+
+    Raises
+    ------
+    BadInputError
+        No pointing has a catalogue star near it: the message names the catalogue, its
+        RA/Dec extent, where the frames point and the fix.
+    """
+    pts = np.asarray(list(pointings), dtype=np.float64).reshape(-1, 2)
+    pts = pts[np.isfinite(pts).all(axis=1)]
+    if not len(pts):
+        return 0
+    ra, dec = refcat_coordinates(path, config)
+    # frames of one field share a pointing (to the jitter): one test for each distinct one
+    pts = np.unique(np.round(pts, 3), axis=0)
+    if _covered(ra, dec, pts, radius_deg):
+        return len(ra)
+    extent = (f"RA {ra.min():.3f} to {ra.max():.3f}, Dec {dec.min():.3f} to {dec.max():.3f} deg "
+              f"({len(ra)} stars)") if len(ra) else "no stars with finite coordinates"
+    shown = ", ".join(f"({r:.3f}, {d:+.3f})" for r, d in pts[:5]) + (f", ... ({len(pts)} in all)"
+                                                                     if len(pts) > 5 else "")
+    raise BadInputError(str(path), f"the reference catalogue does not cover the field: it holds {extent}, and no "
+                                   f"frame pointing (RA, Dec in deg: {shown}) has a catalogue star within "
+                                   f"{radius_deg:.3f} deg. Give a catalogue of that field (--refcat), or check "
+                                   "RA/DEC in the raw headers")
