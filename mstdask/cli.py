@@ -281,7 +281,7 @@ def _preflight(args: argparse.Namespace) -> None:
         red = ReducedStore.open(args.reduced, mode="r")
         rcfg = parse_columns(args.refcat_columns)
         check_refcat(args.refcat, rcfg, {str(f) for f in red.coord("filter")[red.coord("reduced")]})
-        check_refcat_coverage(red, args.refcat, rcfg, _preflight_astro_config(args))
+        check_refcat_coverage(red, args.refcat, rcfg, _astro_config(args))
         check_writable(args.out, "the catalogues")
     elif args.command == "coadd":
         from .jobs.coadd import _coadd_inputs
@@ -307,8 +307,8 @@ def _preflight(args: argparse.Namespace) -> None:
     _check_free_space(args)
 
 
-def _preflight_astro_config(args: argparse.Namespace):
-    """The astrometry settings ``photometry`` runs with (frame size on the sky)."""
+def _astro_config(args: argparse.Namespace):
+    """The astrometry settings of ``photometry`` (its preflight and its run use the same)."""
     from .config import AstrometryConfig
 
     return AstrometryConfig(distortion_order=args.distortion_order,
@@ -504,12 +504,10 @@ def _reduce(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _photometry(args: argparse.Namespace, argv: list[str]) -> int:
-    from .config import AstrometryConfig
     from .jobs import photometry
     from .static.refcat import parse_columns
 
-    acfg = AstrometryConfig(distortion_order=args.distortion_order,
-                            **({"pixel_scale_arcsec": args.pixel_scale} if args.pixel_scale else {}))
+    acfg = _astro_config(args)
     rcfg = parse_columns(args.refcat_columns)
     return _on_cluster(args, lambda client: photometry(args.reduced, args.refcat, args.out, client, astro_config=acfg,
                                                        refcat_config=rcfg, progress=not args.quiet, argv=argv))

@@ -64,11 +64,8 @@ def test_any_changed_value_is_found(two):
     ds["mag"][0, 0] = 0.0
     ds.to_zarr(b / "cube.zarr", mode="w", zarr_format=3, consolidated=False)
     diff = compare_digests(product_digest(a), product_digest(b))
-    assert any(d.startswith("master.fits master.fits[0]") for d in diff)
-    assert any(d.startswith("t.parquet mag") for d in diff)
-    assert not any("seconds" in d for d in diff)
-    assert any(d.startswith("cube.zarr mag") for d in diff)
-    assert len(diff) == 3
+    # exactly the pixel, the magnitude and the array value; the changed timing column is not a difference
+    assert sorted(d.split(":")[0] for d in diff) == ["cube.zarr mag", "master.fits master.fits[0]", "t.parquet mag"]
 
 
 def test_missing_product_is_found(two):

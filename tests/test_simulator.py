@@ -6,7 +6,6 @@ Small frames (200 x 300) keep the whole file fast; the full-size speed check is 
 from __future__ import annotations
 
 import dataclasses
-import time
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -596,13 +595,10 @@ def test_write_lab_set(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_size_science_frame_is_fast():
+def test_full_size_science_frame():
+    # its speed (target < 20 s) is measured by benchmarks/bench_simulator.py, not here
     cam = make_camera(CameraModel(), seed=0)
     cat = make_star_catalog(115.0, 40.0, 2.4, 1.6, rng=1)
-    cam.science(300.0, 115.0, 40.0, cat, rng=0, masks=False)  # builds the static maps
-    t0 = time.perf_counter()
     data, truth = cam.science(300.0, 115.0, 40.0, cat, rng=1, tracks=1, masks=False)
-    elapsed = time.perf_counter() - t0
     assert data.shape == (6388, 9576) and data.dtype == np.uint16
     assert len(truth.stars) > 10000
-    assert elapsed < 20.0

@@ -21,6 +21,7 @@ Only jobs and the command line import this module: library code never computes.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import hashlib
@@ -47,7 +48,7 @@ TASK_RETRIES = 2
 
 # ----------------------------------------------------------------------------- reports
 @dataclass(kw_only=True)
-class JobReport:
+class JobReport(abc.ABC):
     """What a job did; every job's report extends this.
 
     A report lists its problems as ``(item, reason)`` pairs in the attributes named by
@@ -75,9 +76,9 @@ class JobReport:
         """0 when :attr:`ok`, else 1 (the command's exit status)."""
         return 0 if self.ok else 1
 
+    @abc.abstractmethod
     def headline(self) -> str:
         """The first line(s) of the summary: what was done, in numbers."""
-        raise NotImplementedError
 
     def note_lines(self) -> list[str]:
         return [f"  {self._NOTE} {n}" for n in self.notes]
@@ -288,7 +289,7 @@ def atomic_json(obj, path: Path) -> None:
 def atomic_zarr(client, ds, path: Path, desc: str, progress: bool) -> None:
     """A lazy Dataset computed on ``client`` into a Zarr v3 store under a temporary name,
     then renamed into place (an earlier store of that name is replaced)."""
-    tmpz = path.with_name(f".{path.name}.tmp")
+    tmpz = tmp_name(path)
     shutil.rmtree(tmpz, ignore_errors=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
